@@ -1,0 +1,248 @@
+"""The body of an event stream response and the sources that feed it.
+
+The body runs in the server's greenlet or thread: it waits on its source
+with a timeout, turns a timeout into a keep-alive, and hands the server all
+chunks that are ready as one write. The source is either a view's generator,
+run beside the body by :class:`GeneratorSource`, or anything else that
+implements :class:`StreamSource`, such as a channel subscription.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextvars
+import functools
+import time
+import typing as t
+
+from flask import stream_with_context
+
+from .concurrency import current_backend
+from .concurrency import Mailbox
+from .event import Event
+from .watcher import watcher_for
+
+if t.TYPE_CHECKING:
+    import collections.abc as cabc
+    import socket
+
+    from flask import Flask
+
+    from .concurrency import Backend
+    from .watcher import Watcher
+
+#: How many encoded events a generator may get ahead of its client.
+PRODUCER_QUEUE_SIZE = 64
+#: How long closing a stream waits for its generator's ``finally`` to run.
+STOP_TIMEOUT_SECONDS = 5.0
+
+
+def encode_item(item: t.Any) -> bytes | None:
+    """Return the wire form of one item yielded by a stream view.
+
+    :param item: an :class:`Event`, a ``str`` (data), any other JSON value
+        (JSON data), or ``None`` (nothing is sent).
+    """
+    if item is None:
+        return None
+    if isinstance(item, Event):
+        return item.encode()
+    if isinstance(item, bytes | bytearray | memoryview):
+        raise TypeError(
+            "A stream view yields Event, str, dict, list or None, not bytes;"
+            " decode the bytes, or wrap them in Event(data=...)."
+        )
+    return Event(item).encode()
+
+
+class StreamSource(abc.ABC):
+    """Where an event stream response gets its bytes from.
+
+    A source is started when the client reads the first byte, and closed
+    exactly once, when the response is closed.
+    """
+
+    @abc.abstractmethod
+    def start(self, backend: Backend) -> None:
+        """Begin producing; ``backend`` fits the running server."""
+
+    @abc.abstractmethod
+    def take(self, timeout: float | None) -> list[bytes]:
+        """Return the chunks ready to send, waiting up to ``timeout``."""
+
+    @property
+    @abc.abstractmethod
+    def drained(self) -> bool:
+        """True when nothing more will come."""
+
+    @abc.abstractmethod
+    def interrupt(self) -> None:
+        """Wake ``take`` and make the source drain; safe from any thread."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop producing and release everything the source holds."""
+
+
+class GeneratorSource(StreamSource):
+    """Runs a view's iterable beside the response, in a greenlet or thread.
+
+    :param iterable: what the view returned.
+    :param app: the app whose logger reports exceptions from the iterable.
+    :param name: the view's name, for those reports.
+    """
+
+    def __init__(self, iterable: cabc.Iterable[t.Any], app: Flask, name: str) -> None:
+        # Flask's request and app contexts are pushed again around the
+        # iterable, and other context variables are carried over by copy.
+        self._iterable = stream_with_context(iter(iterable))
+        self._context = contextvars.copy_context()
+        self._app = app
+        self._name = name
+        self._mailbox: Mailbox | None = None
+        self._task: t.Any = None
+
+    def start(self, backend: Backend) -> None:
+        self._mailbox = Mailbox(backend, PRODUCER_QUEUE_SIZE)
+        self._task = backend.spawn(functools.partial(self._context.run, self._run))
+
+    def take(self, timeout: float | None) -> list[bytes]:
+        assert self._mailbox is not None
+        return self._mailbox.take(timeout)
+
+    @property
+    def drained(self) -> bool:
+        return self._mailbox is None or self._mailbox.drained
+
+    def interrupt(self) -> None:
+        if self._mailbox is not None:
+            self._mailbox.close()
+
+    def close(self) -> None:
+        self.interrupt()
+        if self._task is not None:
+            self._task.stop(STOP_TIMEOUT_SECONDS)
+        else:
+            self._close_iterable()
+
+    def _run(self) -> None:
+        mailbox = self._mailbox
+        assert mailbox is not None
+        try:
+            for item in self._iterable:
+                chunk = encode_item(item)
+                if chunk is not None and not mailbox.put(chunk):
+                    break
+                if mailbox.closed:
+                    break
+        except Exception:
+            self._app.logger.exception(
+                "The event stream view %r raised an exception; its stream was"
+                " ended and the client will reconnect.",
+                self._name,
+            )
+        finally:
+            mailbox.close()
+            self._close_iterable()
+
+    def _close_iterable(self) -> None:
+        try:
+            self._iterable.close()  # type: ignore[attr-defined]
+        except Exception:
+            self._app.logger.exception(
+                "Closing the event stream view %r raised an exception.", self._name
+            )
+
+
+class EventStreamBody:
+    """The WSGI body of an event stream: opening comment, events, keep-alives.
+
+    Waiting happens here, in the server's greenlet or thread, on the source
+    with a timeout; a timeout becomes a keep-alive. All chunks that are ready
+    leave in one write.
+    """
+
+    def __init__(
+        self,
+        source: StreamSource,
+        *,
+        opening: bytes,
+        keep_alive: float | None,
+        heartbeat: bytes,
+        max_age: float | None,
+        send_timeout: float | None,
+        sock: socket.socket | None,
+    ) -> None:
+        self.socket = sock
+        self.send_timeout = send_timeout
+        #: When the server was handed the chunk it is writing, or None.
+        self.writing_since: float | None = None
+        self._source = source
+        self._opening = opening
+        self._keep_alive = keep_alive
+        self._heartbeat = heartbeat
+        self._max_age = max_age
+        self._watcher: Watcher | None = None
+        self._next_beat: float | None = None
+        self._ends_at: float | None = None
+        self._closed = False
+
+    def __iter__(self) -> EventStreamBody:
+        return self
+
+    def __next__(self) -> bytes:
+        # The server asks for the next chunk only once the last one is sent.
+        self.writing_since = None
+        if self._closed:
+            raise StopIteration
+        if self._watcher is None:
+            return self._start()
+        while True:
+            chunks = self._source.take(self._timeout())
+            now = time.monotonic()
+            if chunks:
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                return self._sending(data, now)
+            if self._source.drained or (
+                self._ends_at is not None and now >= self._ends_at
+            ):
+                self.close()
+                raise StopIteration
+            if self._next_beat is not None and now >= self._next_beat:
+                return self._sending(self._heartbeat, now)
+
+    def abort(self) -> None:
+        """End the stream soon; called by the watcher, never blocks."""
+        self._source.interrupt()
+
+    def close(self) -> None:
+        """Release the source and stop watching; the server calls this."""
+        if self._closed:
+            return
+        self._closed = True
+        self.writing_since = None
+        if self._watcher is not None:
+            self._watcher.discard(self)
+        self._source.close()
+
+    def _start(self) -> bytes:
+        backend = current_backend()
+        now = time.monotonic()
+        if self._max_age is not None:
+            self._ends_at = now + self._max_age
+        self._watcher = watcher_for(backend)
+        self._watcher.add(self)
+        self._source.start(backend)
+        return self._sending(self._opening, now)
+
+    def _sending(self, data: bytes, now: float) -> bytes:
+        if self._keep_alive is not None:
+            self._next_beat = now + self._keep_alive
+        self.writing_since = now
+        return data
+
+    def _timeout(self) -> float | None:
+        deadlines = [d for d in (self._next_beat, self._ends_at) if d is not None]
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())

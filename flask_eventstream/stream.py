@@ -1,0 +1,211 @@
+"""The ``stream_events`` decorator and the response it builds."""
+
+from __future__ import annotations
+
+import functools
+import typing as t
+
+from flask import current_app
+from flask import has_app_context
+from flask import request
+from flask import Response
+from werkzeug.http import is_hop_by_hop_header
+from werkzeug.wrappers import Response as BaseResponse
+
+from .body import EventStreamBody
+from .body import GeneratorSource
+from .body import StreamSource
+from .event import encode_comment
+from .event import Event
+from .event import set_json_dumps_lookup
+
+if t.TYPE_CHECKING:
+    import collections.abc as cabc
+
+    from flask import Flask
+
+    from .event import JSONDumps
+
+#: How long a stream may be silent before a keep-alive comment is sent.
+DEFAULT_KEEPALIVE_SECONDS = 15.0
+#: How long one write may make no progress before the stream is ended.
+DEFAULT_SEND_TIMEOUT_SECONDS = 60.0
+OPENING_COMMENT = encode_comment("stream opened")
+KEEPALIVE_COMMENT = encode_comment("keep-alive")
+
+_FROM_CONFIG: t.Any = object()
+
+
+def _app_json_dumps() -> JSONDumps | None:
+    return current_app.json.dumps if has_app_context() else None
+
+
+# Data that is not a string is JSON; inside an app it follows the app's JSON
+# provider, so custom types encode in a stream as they do in a response.
+set_json_dumps_lookup(_app_json_dumps)
+
+
+class _Options(t.NamedTuple):
+    keep_alive: float | None
+    heartbeat: Event | None
+    opening: bytes
+    headers: dict[str, str]
+    max_age: float | None
+
+
+_P = t.ParamSpec("_P")
+
+
+@t.overload
+def stream_events(view: cabc.Callable[_P, t.Any], /) -> cabc.Callable[_P, Response]: ...
+@t.overload
+def stream_events(
+    *,
+    keep_alive: float | None = ...,
+    heartbeat: Event | None = ...,
+    retry: int | None = ...,
+    headers: cabc.Mapping[str, str] | None = ...,
+    max_age: float | None = ...,
+) -> cabc.Callable[[cabc.Callable[_P, t.Any]], cabc.Callable[_P, Response]]: ...
+def stream_events(
+    view: t.Any = None,
+    /,
+    *,
+    keep_alive: float | None = _FROM_CONFIG,
+    heartbeat: Event | None = None,
+    retry: int | None = None,
+    headers: cabc.Mapping[str, str] | None = None,
+    max_age: float | None = None,
+) -> t.Any:
+    """Turn a view into a ``text/event-stream`` response.
+
+    The view is a generator function, or a function that returns an
+    iterable (so it can :func:`~flask.abort` before streaming starts). It
+    may yield :class:`Event` objects, ``str`` (data), ``dict`` or ``list``
+    (JSON data), or ``None`` (skipped). A view may also return a response
+    object, which is sent unchanged.
+
+    .. code-block:: python
+
+        @app.get("/time")
+        @stream_events
+        def time_stream():
+            while True:
+                yield Event(datetime.now().isoformat(), event="tick")
+                time.sleep(1)
+
+    :param keep_alive: seconds of silence before a keep-alive comment is
+        sent; ``None`` sends none. Defaults to ``EVENTSTREAM_KEEPALIVE``.
+    :param heartbeat: an event to send instead of the keep-alive comment.
+    :param retry: reconnection delay in milliseconds, sent to the client as
+        the stream opens.
+    :param headers: extra response headers. Hop-by-hop headers such as
+        ``Connection`` belong to the server and are refused.
+    :param max_age: seconds after which the stream ends cleanly, so clients
+        reconnect (and spread across workers).
+
+    .. versionadded:: 0.1
+    """
+    options = _Options(
+        keep_alive=(
+            keep_alive
+            if keep_alive is _FROM_CONFIG
+            else _seconds("keep_alive", keep_alive)
+        ),
+        heartbeat=_heartbeat(heartbeat),
+        opening=OPENING_COMMENT
+        + (b"" if retry is None else Event(retry=retry).encode()),
+        headers=_extra_headers(headers),
+        max_age=_seconds("max_age", max_age),
+    )
+
+    def decorator(view: cabc.Callable[_P, t.Any]) -> cabc.Callable[_P, Response]:
+        @functools.wraps(view)
+        def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> Response:
+            result = view(*args, **kwargs)
+            if isinstance(result, BaseResponse):
+                return t.cast(Response, result)
+            return event_stream_response(result, options, view.__name__)
+
+        return wrapper
+
+    return decorator(view) if view is not None else decorator
+
+
+def event_stream_response(
+    result: cabc.Iterable[t.Any] | StreamSource, options: _Options, name: str
+) -> Response:
+    """Build the streaming response for what a view returned."""
+    app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+    response = Response(direct_passthrough=True)
+    response.headers["Content-Type"] = "text/event-stream; charset=utf-8"
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
+    response.headers.update(options.headers)
+    if request.method == "HEAD":
+        # Headers only: the generator is never started, just released.
+        if isinstance(result, StreamSource):
+            result.close()
+        else:
+            getattr(result, "close", lambda: None)()
+        response.response = iter(())
+        return response
+    config = app.config
+    keep_alive = options.keep_alive
+    if keep_alive is _FROM_CONFIG:
+        keep_alive = _seconds(
+            "EVENTSTREAM_KEEPALIVE",
+            config.get("EVENTSTREAM_KEEPALIVE", DEFAULT_KEEPALIVE_SECONDS),
+        )
+    source = (
+        result
+        if isinstance(result, StreamSource)
+        else GeneratorSource(result, app, name)
+    )
+    environ = request.environ
+    response.response = EventStreamBody(
+        source,
+        opening=options.opening,
+        keep_alive=keep_alive,
+        heartbeat=(
+            options.heartbeat.encode() if options.heartbeat else KEEPALIVE_COMMENT
+        ),
+        max_age=options.max_age,
+        send_timeout=_seconds(
+            "EVENTSTREAM_SEND_TIMEOUT",
+            config.get("EVENTSTREAM_SEND_TIMEOUT", DEFAULT_SEND_TIMEOUT_SECONDS),
+        ),
+        sock=environ.get("gunicorn.socket") or environ.get("werkzeug.socket"),
+    )
+    return response
+
+
+def _seconds(name: str, value: t.Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(
+            f"{name!r} is a positive number of seconds, or None to turn it off"
+            f" (got {value!r})."
+        )
+    return float(value)
+
+
+def _heartbeat(heartbeat: Event | None) -> Event | None:
+    if heartbeat is not None and not isinstance(heartbeat, Event):
+        raise TypeError(
+            f"'heartbeat' is an Event, or None for a keep-alive comment"
+            f" (got {type(heartbeat).__name__})."
+        )
+    return heartbeat
+
+
+def _extra_headers(headers: cabc.Mapping[str, str] | None) -> dict[str, str]:
+    extra = dict(headers or {})
+    for key in extra:
+        if is_hop_by_hop_header(key):
+            raise ValueError(
+                f"The header {key!r} is hop-by-hop and belongs to the server;"
+                " remove it from 'headers'."
+            )
+    return extra

@@ -1,0 +1,190 @@
+"""One watcher per process for every open stream.
+
+A stream spends its life waiting for something to send, so it does not read
+its socket and would only learn that the client left at its next write. The
+watcher holds the sockets of all open streams in one epoll set, registered
+for peer hang-up only, and wakes a stream whose client has gone. On each tick
+it also ends streams whose write has made no progress for their send timeout,
+and ends every stream once the gunicorn worker has been told to stop, so
+clients reconnect to a live worker instead of waiting out the graceful
+timeout.
+
+It is one greenlet (or thread) for the whole process, running only while
+streams are open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import typing as t
+
+if t.TYPE_CHECKING:
+    from .concurrency import Backend
+
+logger = logging.getLogger(__name__)
+
+#: How often stalled writes and worker shutdown are checked.
+TICK_SECONDS = 0.5
+
+
+class Watched(t.Protocol):
+    """What the watcher needs from an open stream."""
+
+    socket: socket.socket | None
+    send_timeout: float | None
+    writing_since: float | None
+
+    def abort(self) -> None:
+        """End the stream at its next wake-up; never block."""
+
+
+class Watcher:
+    """Watches the streams of one process.
+
+    :param backend: where the watch loop runs.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._lock = threading.Lock()
+        # Each stream with the descriptor it was registered under, kept
+        # because the server may have closed the socket by the time the
+        # stream is discarded.
+        self._streams: dict[Watched, int | None] = {}
+        self._by_fd: dict[int, Watched] = {}
+        self._poller: select.epoll | None = None
+        self._pid = os.getpid()
+        self._worker: t.Any = None
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def add(self, stream: Watched) -> None:
+        """Start watching ``stream``; start the loop if it is not running."""
+        with self._lock:
+            if self._pid != os.getpid():
+                # A forked child inherits the parent's state but not its loop.
+                self._streams.clear()
+                self._by_fd.clear()
+                self._poller = None
+                self._pid = os.getpid()
+            if self._poller is None:
+                self._poller = self._backend.poller()
+                self._worker = _gunicorn_worker()
+                self._backend.spawn(self._run)
+            fd = _fileno(stream.socket)
+            if fd is not None:
+                try:
+                    self._poller.register(fd, select.EPOLLRDHUP)
+                except FileExistsError:
+                    # A stream that ended without being discarded left it.
+                    self._poller.modify(fd, select.EPOLLRDHUP)
+                self._by_fd[fd] = stream
+            self._streams[stream] = fd
+
+    def discard(self, stream: Watched) -> None:
+        """Stop watching ``stream``."""
+        with self._lock:
+            fd = self._streams.pop(stream, None)
+            if fd is not None and self._by_fd.get(fd) is stream:
+                del self._by_fd[fd]
+                self._unregister(fd)
+
+    def _unregister(self, fd: int) -> None:
+        # The descriptor is gone from the set already if it was closed.
+        if self._poller is not None:
+            with contextlib.suppress(OSError):
+                self._poller.unregister(fd)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                poller = self._poller
+                if poller is None or not self._streams:
+                    if poller is not None:
+                        poller.close()
+                    self._poller = None
+                    return
+            try:
+                self._tick(poller)
+            except Exception:
+                # The loop serves every stream of the process; it must not
+                # die of one odd socket.
+                logger.exception("The event stream watcher failed a tick.")
+
+    def _tick(self, poller: select.epoll) -> None:
+        self._backend.wait_readable(poller.fileno(), TICK_SECONDS)
+        hung_up = []
+        with self._lock:
+            # Only hang-ups are registered, so every event is one.
+            for fd, _mask in poller.poll(0):
+                self._unregister(fd)
+                stream = self._by_fd.pop(fd, None)
+                if stream is not None:
+                    hung_up.append(stream)
+            streams = list(self._streams)
+        for stream in hung_up:
+            stream.abort()
+        self._check(streams)
+
+    def _check(self, streams: list[Watched]) -> None:
+        stopping = self._worker is not None and not self._worker.alive
+        now = time.monotonic()
+        for stream in streams:
+            if stopping:
+                stream.abort()
+                continue
+            since, limit = stream.writing_since, stream.send_timeout
+            if since is not None and limit is not None and now - since > limit:
+                _cut(stream)
+
+
+def _fileno(sock: socket.socket | None) -> int | None:
+    if sock is None:
+        return None
+    try:
+        fd = sock.fileno()
+    except OSError:
+        return None
+    return fd if fd >= 0 else None
+
+
+def _cut(stream: Watched) -> None:
+    # Shutting the socket down fails the server's blocked send at once, and
+    # the server then closes the response, which closes the generator.
+    stream.abort()
+    if stream.socket is not None:
+        with contextlib.suppress(OSError):
+            stream.socket.shutdown(socket.SHUT_RDWR)
+
+
+def _gunicorn_worker() -> t.Any:
+    """Return the gunicorn worker of this process, or None.
+
+    gunicorn's SIGTERM handler is a bound method of the worker, and the
+    worker's ``alive`` flag turns false when a graceful stop begins.
+    """
+    base = sys.modules.get("gunicorn.workers.base")
+    if base is None:
+        return None
+    worker = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    return worker if isinstance(worker, base.Worker) else None
+
+
+_watchers: dict[str, Watcher] = {}
+
+
+def watcher_for(backend: Backend) -> Watcher:
+    """Return the process's watcher for ``backend``."""
+    watcher = _watchers.get(backend.name)
+    if watcher is None:
+        watcher = _watchers[backend.name] = Watcher(backend)
+    return watcher
