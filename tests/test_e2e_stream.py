@@ -1,0 +1,269 @@
+"""``@stream_events`` under real servers: gunicorn gevent and gthread, Werkzeug."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import time
+import typing as t
+
+import pytest
+import requests
+
+from flask_eventstream.testing import parse
+
+from .servers import open_stream
+from .servers import read_until
+from .servers import serve
+from .servers import Server
+from .servers import wait_for
+
+pytestmark = pytest.mark.e2e
+
+KINDS = ["gevent", "gthread", "werkzeug"]
+# The test app's writes stall for good once a client stops reading; a short
+# send timeout lets the tests see the stream dropped.
+ENV = {"SEND_TIMEOUT": "1"}
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def server(request: pytest.FixtureRequest) -> t.Iterator[Server]:
+    with serve(request.param, env=ENV) as running:
+        yield running
+
+
+@pytest.fixture
+def gevent_server() -> t.Iterator[Server]:
+    with serve("gevent", env=ENV) as running:
+        yield running
+
+
+def test_example_stream_has_sse_headers(server: Server) -> None:
+    """The stream is 200 text/event-stream with no-cache and no buffering."""
+    with requests.get(f"{server.url}/stream", stream=True, timeout=10) as rv:
+        assert rv.status_code == 200
+        assert rv.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+        assert rv.headers["Cache-Control"] == "no-cache"
+        assert rv.headers["X-Accel-Buffering"] == "no"
+        assert "Content-Length" not in rv.headers
+
+
+def test_requests_iter_lines_reads_the_example_events(server: Server) -> None:
+    """The classic ``requests`` client reads the demo's events line by line."""
+    lines: list[str] = []
+    with requests.get(f"{server.url}/stream", stream=True, timeout=10) as rv:
+        for line in rv.iter_lines(decode_unicode=True):
+            lines.append(t.cast(str, line))
+            if line == "data: Hello, world! (1)":
+                break
+    assert lines == [
+        ": stream opened",
+        "event: foo",
+        "id: 0",
+        "data: Hello, world! (0)",
+        "",
+        "event: foo",
+        "id: 1",
+        "data: Hello, world! (1)",
+    ]
+
+
+def test_curl_reads_the_example_events(server: Server) -> None:
+    """``curl -sN`` shows the events as they come."""
+    result = subprocess.run(
+        ["curl", "-sN", "--max-time", "2.5", f"{server.url}/stream"],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    # 28 is curl's "operation timed out": the stream never ends by itself.
+    assert result.returncode == 28, result.stderr
+    events = list(parse(result.stdout))
+    assert [e.data for e in events[:2]] == ["Hello, world! (0)", "Hello, world! (1)"]
+    assert {e.event for e in events} == {"foo"}
+
+
+def test_first_comment_then_keepalives_while_generator_is_silent(
+    server: Server,
+) -> None:
+    """The opening comment comes at once, then a keep-alive every interval."""
+    with open_stream(server.port, "/quiet") as sock:
+        head = read_until(sock, b": stream opened\n")
+        body = read_until(sock, b": keep-alive\n")
+        body += read_until(sock, b": keep-alive\n")
+    assert head.index(b": stream opened\n") > head.index(b"\r\n\r\n")
+    assert b"data:" not in head + body
+
+
+def test_head_sends_headers_only_and_never_starts_the_generator(
+    server: Server,
+) -> None:
+    """HEAD is answered with the stream's headers and no body."""
+    started = server.state()["started"]
+    rv = requests.head(f"{server.url}/silent", timeout=10)
+    assert rv.status_code == 200
+    assert rv.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert rv.content == b""
+    assert server.state()["started"] == started
+
+
+def test_disconnect_closes_generator_within_two_seconds_under_gevent(
+    server: Server,
+) -> None:
+    """A client that leaves a silent stream ends it at once under gevent."""
+    if server.kind != "gevent":
+        return
+    before = server.state()
+    sock = open_stream(server.port, "/silent")
+    read_until(sock, b": stream opened\n")
+    wait_for(lambda: server.state()["started"] == before["started"] + 1, 5, "start")
+    sock.close()
+    wait_for(
+        lambda: server.state()["finished"] == before["finished"] + 1,
+        2.0,
+        "the silent generator's finally ran (keep_alive is 15 s)",
+    )
+
+
+def test_disconnect_closes_generator_within_keepalive_under_threads(
+    server: Server,
+) -> None:
+    """Under threads the generator ends by its next yield after a disconnect."""
+    before = server.state()
+    sock = open_stream(server.port, "/polling")
+    read_until(sock, b": stream opened\n")
+    wait_for(lambda: server.state()["started"] == before["started"] + 1, 5, "start")
+    sock.close()
+    # keep_alive is 2 s on this stream; a small margin on top.
+    wait_for(
+        lambda: server.state()["finished"] == before["finished"] + 1,
+        3.0,
+        "the generator's finally ran",
+    )
+
+
+def test_client_that_never_reads_is_dropped_after_send_timeout(
+    server: Server,
+) -> None:
+    """A stalled write ends the stream after EVENTSTREAM_SEND_TIMEOUT."""
+    before = server.state()
+    sock = open_stream(server.port, "/large", rcvbuf=4096)
+    try:
+        wait_for(
+            lambda: server.state()["finished"] == before["finished"] + 1,
+            20,
+            "the stalled stream was dropped and its finally ran",
+        )
+    finally:
+        sock.close()
+    assert server.state()["watched"] == 0
+
+
+def test_sigterm_ends_100_open_streams_promptly() -> None:
+    """A graceful stop ends every stream at once; clients see a clean end."""
+    with serve("gevent", env=ENV) as server:
+        pid = server.state()["pid"]
+        socks = [open_stream(server.port, "/silent") for _ in range(100)]
+        for sock in socks:
+            read_until(sock, b": stream opened\n")
+        wait_for(lambda: server.state()["watched"] == 100, 10, "100 streams open")
+        start = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        try:
+            tails = [_read_to_eof(sock, deadline=start + 10) for sock in socks]
+        finally:
+            for sock in socks:
+                sock.close()
+        elapsed = time.monotonic() - start
+        # The chunked body's last chunk: the server ended the stream itself.
+        assert all(tail.endswith(b"0\r\n\r\n") for tail in tails)
+        assert elapsed < 5, f"streams took {elapsed:.1f} s to end"
+        # The worker exits long before its 30 s graceful timeout.
+        wait_for(lambda: not _alive(pid), 5, "the worker exited")
+
+
+def test_connect_disconnect_cycles_leave_no_greenlet_or_thread(
+    gevent_server: Server,
+) -> None:
+    """200 connect and disconnect cycles leave the worker as it was."""
+    server = gevent_server
+    # One cycle first, so lazily created objects count in the baseline.
+    _cycle(server.port)
+    wait_for(lambda: server.state()["watched"] == 0, 5, "no stream left open")
+    baseline = server.state()
+    for _ in range(200):
+        _cycle(server.port)
+    wait_for(
+        lambda: _settled(server.state(), baseline),
+        10,
+        f"greenlets and threads back to {baseline}",
+    )
+    after = server.state()
+    assert after["finished"] == after["started"] == baseline["started"] + 200
+
+
+def test_500_concurrent_streams_on_one_gevent_worker(gevent_server: Server) -> None:
+    """One gevent worker serves 500 streams at once, each gets its events."""
+    socks = [open_stream(gevent_server.port, "/stream") for _ in range(500)]
+    try:
+        received = _read_all(socks, b"data: Hello, world! (1)\n", timeout=30)
+        assert received == len(socks)
+        assert gevent_server.state()["watched"] == 500
+    finally:
+        for sock in socks:
+            sock.close()
+    wait_for(lambda: gevent_server.state()["watched"] == 0, 10, "all streams closed")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _cycle(port: int) -> None:
+    with open_stream(port, "/silent") as sock:
+        read_until(sock, b": stream opened\n")
+
+
+def _settled(state: dict[str, t.Any], baseline: dict[str, t.Any]) -> bool:
+    keys = ("watched", "greenlets", "threads")
+    return all(state[key] == baseline[key] for key in keys)
+
+
+def _read_to_eof(sock: socket.socket, deadline: float) -> bytes:
+    data = b""
+    while True:
+        sock.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def _read_all(socks: list[socket.socket], marker: bytes, timeout: float) -> int:
+    """Read every socket until ``marker``; return how many saw it."""
+    pending = {sock.fileno(): sock for sock in socks}
+    buffers = dict.fromkeys(pending, b"")
+    done = 0
+    poller = select.poll()
+    for fd in pending:
+        poller.register(fd, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for fd, _ in poller.poll(100):
+            chunk = pending[fd].recv(65536)
+            buffers[fd] += chunk
+            if marker in buffers[fd] or not chunk:
+                done += bool(chunk)
+                poller.unregister(fd)
+                del pending[fd]
+    return done
