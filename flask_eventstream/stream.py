@@ -14,7 +14,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from .body import EventStreamBody
 from .body import GeneratorSource
-from .body import StreamSource
+from .concurrency import StreamSource
 from .event import encode_comment
 from .event import Event
 from .event import set_json_dumps_lookup
@@ -33,7 +33,13 @@ DEFAULT_SEND_TIMEOUT_SECONDS = 60.0
 OPENING_COMMENT = encode_comment("stream opened")
 KEEPALIVE_COMMENT = encode_comment("keep-alive")
 
-_FROM_CONFIG: t.Any = object()
+class _FromConfig:
+    def __repr__(self) -> str:
+        return "EVENTSTREAM_KEEPALIVE"
+
+
+# The default of ``keep_alive``: read the app's config when a stream starts.
+_FROM_CONFIG: t.Any = _FromConfig()
 
 
 def _app_json_dumps() -> JSONDumps | None:
@@ -45,12 +51,38 @@ def _app_json_dumps() -> JSONDumps | None:
 set_json_dumps_lookup(_app_json_dumps)
 
 
-class _Options(t.NamedTuple):
+class StreamOptions(t.NamedTuple):
+    """How a stream behaves; built and checked by :meth:`create`."""
+
     keep_alive: float | None
     heartbeat: Event | None
     opening: bytes
     headers: dict[str, str]
     max_age: float | None
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        keep_alive: float | None = _FROM_CONFIG,
+        heartbeat: Event | None = None,
+        retry: int | None = None,
+        headers: cabc.Mapping[str, str] | None = None,
+        max_age: float | None = None,
+    ) -> StreamOptions:
+        """Check the arguments of :func:`stream_events` and keep them."""
+        return cls(
+            keep_alive=(
+                keep_alive
+                if keep_alive is _FROM_CONFIG
+                else _seconds("keep_alive", keep_alive)
+            ),
+            heartbeat=_heartbeat(heartbeat),
+            opening=OPENING_COMMENT
+            + (b"" if retry is None else Event(retry=retry).encode()),
+            headers=_extra_headers(headers),
+            max_age=_seconds("max_age", max_age),
+        )
 
 
 _P = t.ParamSpec("_P")
@@ -106,17 +138,12 @@ def stream_events(
 
     .. versionadded:: 0.1
     """
-    options = _Options(
-        keep_alive=(
-            keep_alive
-            if keep_alive is _FROM_CONFIG
-            else _seconds("keep_alive", keep_alive)
-        ),
-        heartbeat=_heartbeat(heartbeat),
-        opening=OPENING_COMMENT
-        + (b"" if retry is None else Event(retry=retry).encode()),
-        headers=_extra_headers(headers),
-        max_age=_seconds("max_age", max_age),
+    options = StreamOptions.create(
+        keep_alive=keep_alive,
+        heartbeat=heartbeat,
+        retry=retry,
+        headers=headers,
+        max_age=max_age,
     )
 
     def decorator(view: cabc.Callable[_P, t.Any]) -> cabc.Callable[_P, Response]:
@@ -133,7 +160,7 @@ def stream_events(
 
 
 def event_stream_response(
-    result: cabc.Iterable[t.Any] | StreamSource, options: _Options, name: str
+    result: cabc.Iterable[t.Any] | StreamSource, options: StreamOptions, name: str
 ) -> Response:
     """Build the streaming response for what a view returned."""
     app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]

@@ -69,7 +69,7 @@ class _Reader:
             except queue.Empty:
                 raise TimeoutError(
                     f"Expected {count} events within {timeout} seconds, got"
-                    f" {len(self.events)}: {self.events!r}"
+                    f" {len(self.events)}; the last ones: {self.events[-3:]!r}"
                 ) from None
             if item is _END:
                 self.ended = True
