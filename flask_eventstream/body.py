@@ -9,7 +9,6 @@ implements :class:`StreamSource`, such as a channel subscription.
 
 from __future__ import annotations
 
-import abc
 import contextvars
 import functools
 import time
@@ -19,6 +18,7 @@ from flask import stream_with_context
 
 from .concurrency import current_backend
 from .concurrency import Mailbox
+from .concurrency import StreamSource
 from .event import Event
 from .watcher import watcher_for
 
@@ -55,35 +55,6 @@ def encode_item(item: t.Any) -> bytes | None:
     return Event(item).encode()
 
 
-class StreamSource(abc.ABC):
-    """Where an event stream response gets its bytes from.
-
-    A source is started when the client reads the first byte, and closed
-    exactly once, when the response is closed.
-    """
-
-    @abc.abstractmethod
-    def start(self, backend: Backend) -> None:
-        """Begin producing; ``backend`` fits the running server."""
-
-    @abc.abstractmethod
-    def take(self, timeout: float | None) -> list[bytes]:
-        """Return the chunks ready to send, waiting up to ``timeout``."""
-
-    @property
-    @abc.abstractmethod
-    def drained(self) -> bool:
-        """True when nothing more will come."""
-
-    @abc.abstractmethod
-    def interrupt(self) -> None:
-        """Wake ``take`` and make the source drain; safe from any thread."""
-
-    @abc.abstractmethod
-    def close(self) -> None:
-        """Stop producing and release everything the source holds."""
-
-
 class GeneratorSource(StreamSource):
     """Runs a view's iterable beside the response, in a greenlet or thread.
 
@@ -99,7 +70,7 @@ class GeneratorSource(StreamSource):
         self._context = contextvars.copy_context()
         self._app = app
         self._name = name
-        self._mailbox: Mailbox | None = None
+        self._mailbox: Mailbox[bytes] | None = None
         self._task: t.Any = None
 
     def start(self, backend: Backend) -> None:
@@ -177,7 +148,7 @@ class EventStreamBody:
         self.send_timeout = send_timeout
         #: When the server was handed the chunk it is writing, or None.
         self.writing_since: float | None = None
-        self._source = source
+        self.source = source
         self._opening = opening
         self._keep_alive = keep_alive
         self._heartbeat = heartbeat
@@ -198,12 +169,12 @@ class EventStreamBody:
         if self._watcher is None:
             return self._start()
         while True:
-            chunks = self._source.take(self._timeout())
+            chunks = self.source.take(self._timeout())
             now = time.monotonic()
             if chunks:
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 return self._sending(data, now)
-            if self._source.drained or (
+            if self.source.drained or (
                 self._ends_at is not None and now >= self._ends_at
             ):
                 self.close()
@@ -213,7 +184,7 @@ class EventStreamBody:
 
     def abort(self) -> None:
         """End the stream soon; called by the watcher, never blocks."""
-        self._source.interrupt()
+        self.source.interrupt()
 
     def close(self) -> None:
         """Release the source and stop watching; the server calls this."""
@@ -223,7 +194,7 @@ class EventStreamBody:
         self.writing_since = None
         if self._watcher is not None:
             self._watcher.discard(self)
-        self._source.close()
+        self.source.close()
 
     def _start(self) -> bytes:
         backend = current_backend()
@@ -232,7 +203,7 @@ class EventStreamBody:
             self._ends_at = now + self._max_age
         self._watcher = watcher_for(backend)
         self._watcher.add(self)
-        self._source.start(backend)
+        self.source.start(backend)
         return self._sending(self._opening, now)
 
     def _sending(self, data: bytes, now: float) -> bytes:

@@ -9,6 +9,7 @@ gevent hub; anywhere else they are threads.
 
 from __future__ import annotations
 
+import abc
 import collections
 import select
 import sys
@@ -140,8 +141,40 @@ def current_backend() -> Backend:
     return _gevent_backend
 
 
-class Mailbox:
-    """A bounded queue of byte chunks between a producer and one response.
+class StreamSource(abc.ABC):
+    """Where an event stream response gets its bytes from.
+
+    A source is started when the client reads the first byte, and closed
+    exactly once, when the response is closed.
+    """
+
+    @abc.abstractmethod
+    def start(self, backend: Backend) -> None:
+        """Begin producing; ``backend`` fits the running server."""
+
+    @abc.abstractmethod
+    def take(self, timeout: float | None) -> list[bytes]:
+        """Return the chunks ready to send, waiting up to ``timeout``."""
+
+    @property
+    @abc.abstractmethod
+    def drained(self) -> bool:
+        """True when nothing more will come."""
+
+    @abc.abstractmethod
+    def interrupt(self) -> None:
+        """Wake ``take`` and make the source drain; safe from any thread."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop producing and release everything the source holds."""
+
+
+_T = t.TypeVar("_T")
+
+
+class Mailbox(t.Generic[_T]):
+    """A bounded queue between a producer and one response.
 
     The response takes everything that is queued in one call, so events that
     pile up while it writes leave in a single write. ``put`` blocks while the
@@ -156,7 +189,7 @@ class Mailbox:
     def __init__(self, backend: Backend, maxsize: int) -> None:
         self.maxsize = maxsize
         self.closed = False
-        self._items: collections.deque[bytes] = collections.deque()
+        self._items: collections.deque[_T] = collections.deque()
         self._lock = threading.Lock()
         self._ready = backend.event()
         self._space = backend.event()
@@ -165,7 +198,7 @@ class Mailbox:
     def __len__(self) -> int:
         return len(self._items)
 
-    def offer(self, chunk: bytes) -> bool:
+    def offer(self, chunk: _T) -> bool:
         """Queue ``chunk`` if there is room; never block."""
         with self._lock:
             if self.closed or len(self._items) >= self.maxsize:
@@ -174,7 +207,7 @@ class Mailbox:
             self._ready.set()
             return True
 
-    def put(self, chunk: bytes) -> bool:
+    def put(self, chunk: _T) -> bool:
         """Queue ``chunk``, waiting for room; return False once closed."""
         while True:
             with self._lock:
@@ -187,8 +220,8 @@ class Mailbox:
                 self._space.clear()
             self._space.wait()
 
-    def take(self, timeout: float | None) -> list[bytes]:
-        """Return every queued chunk, waiting up to ``timeout`` for one.
+    def take(self, timeout: float | None) -> list[_T]:
+        """Return every queued item, waiting up to ``timeout`` for one.
 
         An empty list means the timeout passed or the mailbox is closed and
         drained.

@@ -18,7 +18,7 @@ def test_threads_are_chosen_when_gevent_has_not_patched_sockets() -> None:
 
 def test_take_returns_everything_queued_in_order() -> None:
     """One take drains the mailbox, so queued chunks leave in one write."""
-    box = Mailbox(THREADS, 10)
+    box: Mailbox[bytes] = Mailbox(THREADS, 10)
     for chunk in (b"a", b"b", b"c"):
         assert box.put(chunk)
     assert box.take(0) == [b"a", b"b", b"c"]
@@ -27,7 +27,7 @@ def test_take_returns_everything_queued_in_order() -> None:
 
 def test_offer_refuses_when_full_and_never_blocks() -> None:
     """A full mailbox turns an offer down instead of waiting."""
-    box = Mailbox(THREADS, 2)
+    box: Mailbox[bytes] = Mailbox(THREADS, 2)
     assert box.offer(b"a")
     assert box.offer(b"b")
     assert not box.offer(b"c")
@@ -36,7 +36,7 @@ def test_offer_refuses_when_full_and_never_blocks() -> None:
 
 def test_put_waits_for_room_until_a_take() -> None:
     """A producer ahead of its consumer waits; it does not grow the queue."""
-    box = Mailbox(THREADS, 1)
+    box: Mailbox[bytes] = Mailbox(THREADS, 1)
     box.put(b"a")
     done = threading.Event()
 
@@ -53,7 +53,7 @@ def test_put_waits_for_room_until_a_take() -> None:
 
 def test_close_wakes_a_waiting_take_and_a_waiting_put() -> None:
     """Closing ends both sides; what was queued can still be taken."""
-    box = Mailbox(THREADS, 1)
+    box: Mailbox[bytes] = Mailbox(THREADS, 1)
     box.put(b"a")
     results: list[bool] = []
     putter = threading.Thread(target=lambda: results.append(box.put(b"b")))
@@ -70,6 +70,6 @@ def test_close_wakes_a_waiting_take_and_a_waiting_put() -> None:
 
 def test_take_times_out_empty() -> None:
     """A take on an empty open mailbox returns nothing after its timeout."""
-    box = Mailbox(THREADS, 1)
+    box: Mailbox[bytes] = Mailbox(THREADS, 1)
     assert box.take(0.01) == []
     assert not box.drained

@@ -20,7 +20,7 @@ from flask import Response
 from flask_eventstream import Event
 from flask_eventstream import stream_events
 from flask_eventstream.body import EventStreamBody
-from flask_eventstream.body import StreamSource
+from flask_eventstream.concurrency import StreamSource
 from flask_eventstream.testing import read_events
 
 if t.TYPE_CHECKING:

@@ -19,7 +19,12 @@ if t.TYPE_CHECKING:
 
 def test_public_names_match_the_docs() -> None:
     """``__all__`` lists exactly what the API docs promise."""
-    assert sorted(flask_eventstream.__all__) == ["Event", "stream_events"]
+    assert sorted(flask_eventstream.__all__) == [
+        "BrokerError",
+        "Event",
+        "EventStream",
+        "stream_events",
+    ]
 
 
 def test_read_events_keeps_extra_events_for_the_next_call(

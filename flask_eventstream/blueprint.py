@@ -1,0 +1,307 @@
+"""The ``EventStream`` blueprint: channels, publishing and replay."""
+
+from __future__ import annotations
+
+import threading
+import typing as t
+
+from flask import abort
+from flask import Blueprint
+from flask import current_app
+from flask import g
+from flask import has_request_context
+from flask import request
+from flask import Response
+
+from .brokers import broker_from_url
+from .brokers.base import check_channel
+from .brokers.base import parse_id
+from .event import Event
+from .stream import event_stream_response
+from .stream import StreamOptions
+
+if t.TYPE_CHECKING:
+    import collections.abc as cabc
+
+    from flask.sansio.app import App
+
+    from .brokers.base import Broker
+    from .brokers.base import Subscription
+
+#: Every setting, with its default. Read once, when the blueprint is
+#: registered on an app.
+DEFAULTS: dict[str, t.Any] = {
+    "EVENTSTREAM_BROKER_URL": "memory://",
+    "EVENTSTREAM_HISTORY": 1000,
+    "EVENTSTREAM_QUEUE_SIZE": 1000,
+    "EVENTSTREAM_MAX_CHANNELS": 32,
+    "EVENTSTREAM_MAX_CONNECTIONS": None,
+    "EVENTSTREAM_RETRY": None,
+    "EVENTSTREAM_MAX_AGE": None,
+    "EVENTSTREAM_KEEPALIVE": 15.0,
+    "EVENTSTREAM_SEND_TIMEOUT": 60.0,
+}
+#: What a client over ``EVENTSTREAM_MAX_CONNECTIONS`` is told to wait.
+RETRY_AFTER_SECONDS = 5
+
+
+class EventStreamState:
+    """One app's broker and limits, in ``app.extensions["eventstream"]``.
+
+    :param config: the app's config, with the defaults filled in.
+    """
+
+    def __init__(self, config: cabc.Mapping[str, t.Any]) -> None:
+        self.history = _count(config, "EVENTSTREAM_HISTORY")
+        self.queue_size = _count(config, "EVENTSTREAM_QUEUE_SIZE")
+        self.max_channels = _count(config, "EVENTSTREAM_MAX_CHANNELS")
+        self.max_connections = _count(
+            config, "EVENTSTREAM_MAX_CONNECTIONS", optional=True
+        )
+        try:
+            self.options = StreamOptions.create(
+                retry=config["EVENTSTREAM_RETRY"],
+                max_age=config["EVENTSTREAM_MAX_AGE"],
+            )
+        except ValueError as e:
+            raise ValueError(
+                f"Check EVENTSTREAM_RETRY and EVENTSTREAM_MAX_AGE: {e}"
+            ) from None
+        self.broker: Broker = broker_from_url(
+            config["EVENTSTREAM_BROKER_URL"], history=self.history
+        )
+        #: Streams open now in this process.
+        self.streams = 0
+        self._lock = threading.Lock()
+
+    def reserve(self) -> bool:
+        """Count one more open stream, unless the limit is reached."""
+        with self._lock:
+            if (
+                self.max_connections is not None
+                and self.streams >= self.max_connections
+            ):
+                return False
+            self.streams += 1
+            return True
+
+    def release(self) -> None:
+        """Count one stream fewer."""
+        with self._lock:
+            self.streams -= 1
+
+
+class EventStream(Blueprint):
+    """A blueprint that serves publish/subscribe channels over SSE.
+
+    .. code-block:: python
+
+        sse = EventStream()
+        app.register_blueprint(sse, url_prefix="/events")
+
+        # anywhere with an app context:
+        sse.publish({"text": "hi"}, event="message", channel="room.1")
+
+    Browsers subscribe with ``new EventSource("/events?channel=room.1")``.
+
+    :param name: the blueprint's name.
+    :param import_name: the blueprint's import name.
+    :param blueprint_kwargs: passed on to :class:`flask.Blueprint`.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        name: str = "eventstream",
+        import_name: str = __name__,
+        **blueprint_kwargs: t.Any,
+    ) -> None:
+        super().__init__(name, import_name, **blueprint_kwargs)
+        self._authorize: cabc.Callable[[str], bool] | None = None
+        self.after_app_request(_close_unused)
+        self.teardown_app_request(_close_on_error)
+        # The subscribe endpoint is the prefix itself: /events?channel=a.
+        self.record(
+            lambda s: s.add_url_rule(
+                "" if s.url_prefix else "/", "subscribe", self._subscribe
+            )
+        )
+
+    def register(self, app: App, options: dict[str, t.Any]) -> None:
+        if "eventstream" not in app.extensions:
+            for key, value in DEFAULTS.items():
+                app.config.setdefault(key, value)
+            app.extensions["eventstream"] = EventStreamState(app.config)
+        super().register(app, options)
+
+    def authorize(self, fn: cabc.Callable[[str], bool]) -> cabc.Callable[[str], bool]:
+        """Register ``fn(channel) -> bool``, asked for each requested channel.
+
+        It runs in the request context, before any byte is streamed; False
+        for any channel refuses the request with 403.
+
+        .. code-block:: python
+
+            @sse.authorize
+            def may_listen(channel):
+                return channel == "public" or channel == f"user.{current_user.id}"
+        """
+        self._authorize = fn
+        return fn
+
+    def publish(
+        self,
+        data: t.Any,
+        *,
+        event: str | None = None,
+        id: str | None = None,
+        channel: str = "sse",
+        retry: int | None = None,
+    ) -> str:
+        """Publish an event on ``channel`` and return its id.
+
+        Works in any app context: a request, a CLI command, a background job.
+
+        :param data: a ``str``, or anything the app's JSON provider dumps.
+        :param event: the event type.
+        :param id: the id; by default the broker assigns one. A given id must
+            have the broker's form and be greater than every earlier one.
+        :param channel: the channel name.
+        :param retry: reconnection delay for the clients, in milliseconds.
+        :raises BrokerError: if the broker cannot be reached.
+        """
+        check_channel(channel)
+        if data is None:
+            raise ValueError("'data' is required: clients ignore events without it.")
+        if not isinstance(data, str):
+            data = current_app.json.dumps(data)
+        return _state().broker.publish(
+            channel, Event(data, event=event, id=id, retry=retry)
+        )
+
+    def listen(self, *channels: str, last_event_id: str | None = None) -> Subscription:
+        """Subscribe to ``channels``, for a ``@stream_events`` view to return.
+
+        .. code-block:: python
+
+            @app.get("/me/events")
+            @stream_events
+            def my_events():
+                return sse.listen(f"user.{current_user.id}")
+
+        :param channels: channel names; ``sse`` when none are given.
+        :param last_event_id: replay the events after this id first. When
+            ``None``, the request's ``Last-Event-ID`` header or
+            ``lastEventId`` argument is used; pass ``""`` for no replay.
+        """
+        state = _state()
+        names = list(dict.fromkeys(check_channel(c) for c in channels)) or ["sse"]
+        if len(names) > state.max_channels:
+            raise ValueError(
+                f"At most {state.max_channels} channels (EVENTSTREAM_MAX_CHANNELS)"
+                f" may be listened to at once (got {len(names)})."
+            )
+        if last_event_id is None and has_request_context():
+            last_event_id = _request_last_event_id()
+        elif last_event_id:
+            parse_id(last_event_id)
+        if not state.reserve():
+            _refuse(
+                503,
+                "Too many open streams; try again shortly.",
+                {"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+        sub = state.broker.subscribe(
+            names,
+            last_event_id or None,
+            queue_size=state.queue_size,
+            on_close=state.release,
+        )
+        if has_request_context():
+            g.setdefault(_PENDING, []).append(sub)
+        return sub
+
+    def _subscribe(self) -> Response:
+        state = _state()
+        names = list(dict.fromkeys(request.args.getlist("channel"))) or ["sse"]
+        if len(names) > state.max_channels:
+            _refuse(
+                400,
+                f"At most {state.max_channels} channels per request"
+                f" (got {len(names)}).",
+            )
+        for name in names:
+            try:
+                check_channel(name)
+            except ValueError as e:
+                _refuse(400, str(e))
+        if self._authorize is not None:
+            for name in names:
+                if not self._authorize(name):
+                    _refuse(403, f"Not allowed to subscribe to the channel {name!r}.")
+        return event_stream_response(self.listen(*names), state.options, "eventstream")
+
+
+# Subscriptions made during a request: one that did not become the
+# response's stream is closed when the request ends, however it ends.
+_PENDING = "_eventstream_subscriptions"
+
+
+def _close_unused(response: Response) -> Response:
+    subs = g.pop(_PENDING, None)
+    if subs:
+        used = getattr(response.response, "source", None)
+        for sub in subs:
+            if sub is not used:
+                sub.close()
+    return response
+
+
+def _close_on_error(exc: BaseException | None) -> None:
+    for sub in g.pop(_PENDING, ()):
+        sub.close()
+
+
+def _state() -> EventStreamState:
+    try:
+        return t.cast(EventStreamState, current_app.extensions["eventstream"])
+    except KeyError:
+        raise RuntimeError(
+            "This app has no event stream state. Did you register the"
+            " 'EventStream' blueprint on it?"
+        ) from None
+
+
+def _request_last_event_id() -> str | None:
+    raw = request.headers.get("Last-Event-ID")
+    if raw is not None:
+        # WSGI hands headers over as latin-1; browsers send UTF-8.
+        try:
+            raw = raw.encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            _refuse(400, "The Last-Event-ID header is not valid UTF-8.")
+    else:
+        raw = request.args.get("lastEventId")
+    if not raw:
+        return None
+    try:
+        parse_id(raw)
+    except ValueError as e:
+        _refuse(400, f"Cannot resume from this Last-Event-ID. {e}")
+    return raw
+
+
+def _refuse(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> t.NoReturn:
+    abort(Response(message + "\n", status, headers, mimetype="text/plain"))
+
+
+def _count(config: cabc.Mapping[str, t.Any], key: str, optional: bool = False) -> t.Any:
+    value = config[key]
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be a positive whole number (got {value!r}).")
+    return value

@@ -1,0 +1,431 @@
+"""The EventStream blueprint with the in-memory broker, in process."""
+
+from __future__ import annotations
+
+import decimal
+import json
+import random
+import threading
+import time
+import typing as t
+
+import pytest
+from flask import abort
+from flask import Flask
+
+from flask_eventstream import EventStream
+from flask_eventstream import stream_events
+from flask_eventstream.blueprint import EventStreamState
+from flask_eventstream.testing import read_events
+
+if t.TYPE_CHECKING:
+    from flask.testing import FlaskClient
+    from werkzeug.test import TestResponse
+
+    from flask_eventstream.brokers.base import Subscription
+
+
+@pytest.fixture
+def sse(app: Flask) -> EventStream:
+    sse = EventStream()
+    app.register_blueprint(sse, url_prefix="/events")
+    return sse
+
+
+def state(app: Flask) -> EventStreamState:
+    return t.cast(EventStreamState, app.extensions["eventstream"])
+
+
+def publish(app: Flask, sse: EventStream, data: t.Any, **kwargs: t.Any) -> str:
+    with app.app_context():
+        return sse.publish(data, **kwargs)
+
+
+def subscribed(client: FlaskClient, url: str, **kwargs: t.Any) -> TestResponse:
+    """Open a stream; it is subscribed once the response exists."""
+    rv = client.get(url, **kwargs)
+    assert rv.status_code == 200, rv.data
+    return rv
+
+
+def test_registration_creates_per_app_state_with_defaults(app: Flask) -> None:
+    """Registering fills in every setting and creates the app's broker."""
+    app.register_blueprint(EventStream(), url_prefix="/events")
+    assert app.config["EVENTSTREAM_HISTORY"] == 1000
+    assert app.config["EVENTSTREAM_BROKER_URL"] == "memory://"
+    assert state(app).max_channels == 32
+
+
+def test_subscribe_endpoint_is_the_prefix(app: Flask, sse: EventStream) -> None:
+    """Clients subscribe at /events, not /events/."""
+    assert app.url_map.bind("").match("/events") == ("eventstream.subscribe", {})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("EVENTSTREAM_HISTORY", 0),
+        ("EVENTSTREAM_QUEUE_SIZE", "10"),
+        ("EVENTSTREAM_MAX_CHANNELS", True),
+        ("EVENTSTREAM_MAX_CONNECTIONS", -1),
+        ("EVENTSTREAM_RETRY", -5),
+        ("EVENTSTREAM_MAX_AGE", "soon"),
+        ("EVENTSTREAM_BROKER_URL", "mqtt://host"),
+    ],
+)
+def test_bad_config_is_refused_at_registration_naming_the_key(
+    app: Flask, key: str, value: t.Any
+) -> None:
+    """A wrong setting fails early, and the message names it."""
+    app.config[key] = value
+    with pytest.raises(ValueError, match=key):
+        app.register_blueprint(EventStream(), url_prefix="/events")
+
+
+def test_default_channel_is_sse(
+    app: Flask, sse: EventStream, client: FlaskClient
+) -> None:
+    """Without ?channel= a client listens to ``sse``, where publish goes."""
+    with subscribed(client, "/events") as rv:
+        publish(app, sse, "other", channel="news")
+        event_id = publish(app, sse, {"text": "hi"}, event="message")
+        (event,) = read_events(rv, 1)
+    assert (event.event, event.id, json.loads(event.data)) == (
+        "message",
+        event_id,
+        {"text": "hi"},
+    )
+
+
+def test_channels_are_isolated(
+    app: Flask, sse: EventStream, client: FlaskClient
+) -> None:
+    """A subscriber gets its own channels' events and no others."""
+    with (
+        subscribed(client, "/events?channel=a") as a,
+        subscribed(client, "/events?channel=b") as b,
+    ):
+        for n in range(3):
+            publish(app, sse, f"a{n}", channel="a")
+            publish(app, sse, f"b{n}", channel="b")
+        assert [e.data for e in read_events(a, 3)] == ["a0", "a1", "a2"]
+        assert [e.data for e in read_events(b, 3)] == ["b0", "b1", "b2"]
+
+
+def test_several_channels_in_one_request(
+    app: Flask, sse: EventStream, client: FlaskClient
+) -> None:
+    """Repeated ?channel= subscribes to each, in publish order."""
+    with subscribed(client, "/events?channel=a&channel=b&channel=a") as rv:
+        publish(app, sse, "1", channel="a")
+        publish(app, sse, "x", channel="c")
+        publish(app, sse, "2", channel="b")
+        assert [e.data for e in read_events(rv, 2)] == ["1", "2"]
+    assert state(app).broker.stats()["subscriptions"] == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "headers", "message"),
+    [
+        ("/events?channel=a%20b", {}, "Channel names are 1-200 characters"),
+        ("/events?channel=", {}, "Channel names are 1-200 characters"),
+        ("/events?channel=" + "x" * 201, {}, "Channel names are 1-200 characters"),
+        (
+            "/events?" + "&".join(f"channel=c{n}" for n in range(33)),
+            {},
+            "At most 32 channels",
+        ),
+        ("/events", {"Last-Event-ID": "12"}, "Event ids look like"),
+        ("/events?lastEventId=a-b", {}, "Event ids look like"),
+        ("/events", {"Last-Event-ID": "\xff\xfe"}, "not valid UTF-8"),
+    ],
+)
+def test_bad_requests_get_400_with_a_plain_message(
+    sse: EventStream,
+    client: FlaskClient,
+    url: str,
+    headers: dict[str, str],
+    message: str,
+) -> None:
+    """Invalid channels, too many channels and bad ids are 400, in words."""
+    rv = client.get(url, headers=headers)
+    assert rv.status_code == 400
+    assert rv.mimetype == "text/plain"
+    assert message in rv.get_data(as_text=True)
+
+
+def test_authorize_refuses_with_403_before_streaming(
+    app: Flask, sse: EventStream, client: FlaskClient
+) -> None:
+    """The hook is asked per channel; one False refuses the request."""
+    asked: list[str] = []
+
+    @sse.authorize
+    def may_listen(channel: str) -> bool:
+        asked.append(channel)
+        return not channel.startswith("private.")
+
+    rv = client.get("/events?channel=public&channel=private.7")
+    assert rv.status_code == 403
+    assert "'private.7'" in rv.get_data(as_text=True)
+    assert asked == ["public", "private.7"]
+    assert state(app).streams == 0
+    with subscribed(client, "/events?channel=public"):
+        pass
+
+
+def test_max_connections_gives_503_with_retry_after_and_recovers(
+    app: Flask, client: FlaskClient
+) -> None:
+    """Over the cap a client is told to come back; a closed stream frees a slot."""
+    app.config["EVENTSTREAM_MAX_CONNECTIONS"] = 2
+    app.register_blueprint(EventStream(), url_prefix="/events")
+    first = subscribed(client, "/events")
+    with subscribed(client, "/events"):
+        rv = client.get("/events")
+        assert rv.status_code == 503
+        assert rv.headers["Retry-After"] == "5"
+        first.close()
+        with subscribed(client, "/events"):
+            assert state(app).streams == 2
+    assert state(app).streams == 0
+
+
+def test_head_on_the_endpoint_holds_no_slot(
+    app: Flask, sse: EventStream, client: FlaskClient
+) -> None:
+    """HEAD answers with headers only and leaves nothing subscribed."""
+    rv = client.head("/events")
+    assert rv.status_code == 200
+    assert rv.data == b""
+    assert state(app).streams == 0
+
+
+def test_retry_and_max_age_come_from_config(app: Flask, client: FlaskClient) -> None:
+    """EVENTSTREAM_RETRY opens the stream; EVENTSTREAM_MAX_AGE ends it."""
+    app.config.update(EVENTSTREAM_RETRY=1500, EVENTSTREAM_MAX_AGE=0.2)
+    app.register_blueprint(EventStream(), url_prefix="/events")
+    with client.get("/events") as rv:
+        body = b"".join(t.cast("t.Iterable[bytes]", rv.response))
+    assert body == b": stream opened\nretry: 1500\n\n"
+    assert state(app).streams == 0
+
+
+def test_publish_needs_a_registered_blueprint(app: Flask) -> None:
+    """Publishing for an app without the blueprint says what is missing."""
+    with app.app_context(), pytest.raises(RuntimeError, match="register"):
+        EventStream().publish("x")
+
+
+def test_publish_checks_its_arguments(app: Flask, sse: EventStream) -> None:
+    """Bad channel names and missing data are refused by name."""
+    with app.app_context():
+        with pytest.raises(ValueError, match="Channel names"):
+            sse.publish("x", channel="no spaces")
+        with pytest.raises(ValueError, match="'data'"):
+            sse.publish(None)
+        with pytest.raises(ValueError, match="'event'"):
+            sse.publish("x", event="a\nb")
+
+
+def test_publish_uses_the_apps_json_provider(
+    app: Flask, sse: EventStream, client: FlaskClient
+) -> None:
+    """Data goes through the app's JSON provider, e.g. for Decimal."""
+    with subscribed(client, "/events") as rv:
+        publish(app, sse, {"price": decimal.Decimal("2.50")})
+        (event,) = read_events(rv, 1)
+    assert json.loads(event.data) == {"price": "2.50"}
+
+
+def test_custom_view_can_listen(
+    app: Flask, sse: EventStream, client: FlaskClient
+) -> None:
+    """``listen()`` in a @stream_events view streams that channel."""
+
+    @app.get("/me")
+    @stream_events
+    def mine() -> Subscription:
+        return sse.listen("user.7")
+
+    with subscribed(client, "/me") as rv:
+        publish(app, sse, "not yours", channel="user.8")
+        publish(app, sse, "yours", channel="user.7", event="note")
+        (event,) = read_events(rv, 1)
+    assert (event.event, event.data) == ("note", "yours")
+    assert state(app).streams == 0
+
+
+def test_subscription_unused_by_the_response_is_released(
+    app: Flask, sse: EventStream, client: FlaskClient
+) -> None:
+    """A view that listens and then aborts or errors leaks nothing."""
+
+    @app.get("/abort")
+    @stream_events
+    def aborts() -> Subscription:
+        sse.listen("a")
+        abort(403)
+
+    @app.get("/error")
+    @stream_events
+    def fails() -> Subscription:
+        sse.listen("a")
+        raise RuntimeError("boom")
+
+    assert client.get("/abort").status_code == 403
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    assert client.get("/error").status_code == 500
+    assert state(app).streams == 0
+    assert state(app).broker.stats()["subscriptions"] == 0
+
+
+def test_listen_checks_its_arguments(app: Flask, sse: EventStream) -> None:
+    """Bad channel names, too many channels and bad ids raise ValueError."""
+    with app.app_context():
+        with pytest.raises(ValueError, match="Channel names"):
+            sse.listen("a b")
+        with pytest.raises(ValueError, match="At most 32"):
+            sse.listen(*(f"c{n}" for n in range(33)))
+        with pytest.raises(ValueError, match="Event ids look like"):
+            sse.listen("a", last_event_id="7")
+
+
+def test_replay_from_header_or_query(
+    app: Flask, sse: EventStream, client: FlaskClient
+) -> None:
+    """Last-Event-ID, or ?lastEventId=, replays what came after it."""
+    ids = [publish(app, sse, str(n)) for n in range(4)]
+    with client.get("/events", headers={"Last-Event-ID": ids[1]}) as rv:
+        assert [e.data for e in read_events(rv, 2)] == ["2", "3"]
+    with client.get(f"/events?lastEventId={ids[2]}") as rv:
+        assert [e.data for e in read_events(rv, 1)] == ["3"]
+
+
+def test_expired_id_starts_with_reset(app: Flask, client: FlaskClient) -> None:
+    """An id older than history gives eventstream.reset, with data, first."""
+    app.config["EVENTSTREAM_HISTORY"] = 3
+    sse = EventStream()
+    app.register_blueprint(sse, url_prefix="/events")
+    ids = [publish(app, sse, str(n)) for n in range(6)]
+    with client.get("/events", headers={"Last-Event-ID": ids[0]}) as rv:
+        events = read_events(rv, 4)
+    assert (events[0].event, events[0].data) == ("eventstream.reset", ids[0])
+    assert [e.data for e in events[1:]] == ["3", "4", "5"]
+
+
+def test_two_apps_never_share_events() -> None:
+    """Each app has its own broker, even with one blueprint object."""
+    sse = EventStream()
+    apps = [Flask(f"app{n}") for n in range(2)]
+    for app in apps:
+        app.register_blueprint(sse, url_prefix="/events")
+    assert state(apps[0]).broker is not state(apps[1]).broker
+    clients = [app.test_client() for app in apps]
+    with (
+        subscribed(clients[0], "/events") as rv0,
+        subscribed(clients[1], "/events") as rv1,
+    ):
+        publish(apps[0], sse, "for app 0")
+        publish(apps[1], sse, "for app 1")
+        assert [e.data for e in read_events(rv0, 1)] == ["for app 0"]
+        assert [e.data for e in read_events(rv1, 1)] == ["for app 1"]
+        publish(apps[0], sse, "again 0")
+        with pytest.raises(TimeoutError):
+            read_events(rv1, 1, timeout=0.3)
+
+
+def test_reconnects_during_a_burst_see_every_event_once_in_order(
+    app: Flask, client: FlaskClient
+) -> None:
+    """Random reconnects during 10,000 publishes lose and repeat nothing."""
+    app.config["EVENTSTREAM_HISTORY"] = 10_000
+    sse = EventStream()
+    app.register_blueprint(sse, url_prefix="/events")
+    total = 10_000
+    wanted = [str(n) for n in range(total) if n % 3 != 2]
+
+    def publisher() -> None:
+        with app.app_context():
+            for n in range(total):
+                sse.publish(str(n), channel="abc"[n % 3])
+                if n % 50 == 0:
+                    # Let the reader in, so reconnects land inside the burst.
+                    time.sleep(0.001)
+
+    rng = random.Random(7)
+    seen: list[str] = []
+    ids: list[str] = []
+    last: dict[str, str] = {}
+    thread = threading.Thread(target=publisher)
+    reconnects = during_burst = 0
+    with subscribed(client, "/events?channel=a&channel=b", headers=last) as rv:
+        thread.start()
+        while len(seen) < len(wanted):
+            count = min(rng.randint(1, 400), len(wanted) - len(seen))
+            for event in read_events(rv, count, timeout=10):
+                assert event.event == "message"
+                seen.append(event.data)
+                ids.append(t.cast(str, event.id))
+            rv.close()
+            reconnects += 1
+            during_burst += thread.is_alive()
+            rv = client.get(
+                "/events?channel=a&channel=b", headers={"Last-Event-ID": ids[-1]}
+            )
+        rv.close()
+    thread.join(10)
+    assert during_burst > 10
+    assert seen == wanted
+    assert len(set(ids)) == len(ids)
+
+
+def test_stalled_subscriber_is_dropped_and_memory_stays_bounded(
+    app: Flask, client: FlaskClient
+) -> None:
+    """One client stops reading during 100,000 events; the rest get all."""
+    app.config["EVENTSTREAM_HISTORY"] = 100_000
+    sse = EventStream()
+    app.register_blueprint(sse, url_prefix="/events")
+    broker = state(app).broker
+    total = 100_000
+    stalled = subscribed(client, "/events")
+    (sub,) = broker._subscribers["sse"]
+    largest_queue = 0
+    results: dict[int, list[str]] = {0: [], 1: []}
+
+    def reader(n: int) -> None:
+        # A real client: when the stream ends it reconnects and replays.
+        rv = subscribed(client, "/events")
+        got = results[n]
+        while len(got) < total:
+            count = min(5000, total - len(got))
+            events = read_events(rv, count, timeout=30)
+            got.extend(e.data for e in events)
+            if len(events) < count:
+                rv.close()
+                rv = client.get(
+                    "/events", headers={"Last-Event-ID": events[-1].id or ""}
+                )
+        rv.close()
+
+    readers = [threading.Thread(target=reader, args=(n,)) for n in results]
+    for thread in readers:
+        thread.start()
+    while broker.stats()["subscriptions"] < 3:
+        threading.Event().wait(0.01)
+    with app.app_context():
+        for n in range(total):
+            sse.publish(str(n))
+            if n % 1000 == 0:
+                largest_queue = max(largest_queue, len(t.cast(t.Any, sub)._mailbox))
+    for thread in readers:
+        thread.join(60)
+    assert sub.overflowed
+    assert largest_queue <= app.config["EVENTSTREAM_QUEUE_SIZE"]
+    assert sub not in broker._subscribers.get("sse", set())
+    expected = [str(n) for n in range(total)]
+    assert results[0] == expected
+    assert results[1] == expected
+    stalled.close()
+    assert state(app).streams == 0
