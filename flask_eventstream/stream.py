@@ -33,6 +33,7 @@ DEFAULT_SEND_TIMEOUT_SECONDS = 60.0
 OPENING_COMMENT = encode_comment("stream opened")
 KEEPALIVE_COMMENT = encode_comment("keep-alive")
 
+
 class _FromConfig:
     def __repr__(self) -> str:
         return "EVENTSTREAM_KEEPALIVE"
