@@ -106,15 +106,21 @@ def command(kind: str, port: int, app: str = APP) -> list[str]:
 
 @contextlib.contextmanager
 def serve(
-    kind: str, app: str = APP, env: dict[str, str] | None = None
+    kind: str,
+    app: str = APP,
+    env: dict[str, str] | None = None,
+    ready: str = "/state",
 ) -> t.Iterator[Server]:
-    """Run a server until the block ends, then stop it and all it started."""
+    """Run a server until the block ends, then stop it and all it started.
+
+    :param ready: a path that answers 2xx once the app is up.
+    """
     port = free_port()
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(
             command(kind, port, app),
             cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env={**_clean_environ(), "PYTHONUNBUFFERED": "1", **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -122,19 +128,25 @@ def serve(
         )
         server = Server(kind, port, process, log)
         try:
-            _wait_until_ready(server)
+            _wait_until_ready(server, ready)
             yield server
         finally:
             _stop(process)
 
 
-def _wait_until_ready(server: Server, timeout: float = 30.0) -> None:
+def _clean_environ() -> dict[str, str]:
+    # The demo reads FLASK_* settings from the environment; a developer's own
+    # must not change what the tests see.
+    return {k: v for k, v in os.environ.items() if not k.startswith("FLASK_")}
+
+
+def _wait_until_ready(server: Server, path: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             break
         try:
-            server.state()
+            requests.get(f"{server.url}{path}", timeout=5).raise_for_status()
             return
         except requests.RequestException:
             time.sleep(0.1)
