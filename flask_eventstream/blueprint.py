@@ -14,8 +14,10 @@ from flask import request
 from flask import Response
 
 from .brokers import broker_from_url
+from .brokers.base import BrokerError
 from .brokers.base import check_channel
 from .brokers.base import parse_id
+from .cli import eventstream as eventstream_commands
 from .event import Event
 from .stream import event_stream_response
 from .stream import StreamOptions
@@ -32,6 +34,7 @@ if t.TYPE_CHECKING:
 #: registered on an app.
 DEFAULTS: dict[str, t.Any] = {
     "EVENTSTREAM_BROKER_URL": "memory://",
+    "EVENTSTREAM_KEY_PREFIX": "eventstream",
     "EVENTSTREAM_HISTORY": 1000,
     "EVENTSTREAM_QUEUE_SIZE": 1000,
     "EVENTSTREAM_MAX_CHANNELS": 32,
@@ -68,7 +71,9 @@ class EventStreamState:
                 f"Check EVENTSTREAM_RETRY and EVENTSTREAM_MAX_AGE: {e}"
             ) from None
         self.broker: Broker = broker_from_url(
-            config["EVENTSTREAM_BROKER_URL"], history=self.history
+            config["EVENTSTREAM_BROKER_URL"],
+            history=self.history,
+            prefix=config["EVENTSTREAM_KEY_PREFIX"],
         )
         #: Streams open now in this process.
         self.streams = 0
@@ -117,7 +122,10 @@ class EventStream(Blueprint):
         import_name: str = __name__,
         **blueprint_kwargs: t.Any,
     ) -> None:
+        blueprint_kwargs.setdefault("cli_group", "eventstream")
         super().__init__(name, import_name, **blueprint_kwargs)
+        for command in eventstream_commands.commands.values():
+            self.cli.add_command(command)
         self._authorize: cabc.Callable[[str], bool] | None = None
         self.after_app_request(_close_unused)
         self.teardown_app_request(_close_on_error)
@@ -212,12 +220,23 @@ class EventStream(Blueprint):
                 "Too many open streams; try again shortly.",
                 {"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
-        sub = state.broker.subscribe(
-            names,
-            last_event_id or None,
-            queue_size=state.queue_size,
-            on_close=state.release,
-        )
+        try:
+            sub = state.broker.subscribe(
+                names,
+                last_event_id or None,
+                queue_size=state.queue_size,
+                on_close=state.release,
+            )
+        except BrokerError as e:
+            state.release()
+            if not has_request_context():
+                raise
+            current_app.logger.warning("Refused a subscription: %s", e)
+            _refuse(
+                503,
+                "Events are unavailable for a moment; try again shortly.",
+                {"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
         if has_request_context():
             g.setdefault(_PENDING, []).append(sub)
         return sub

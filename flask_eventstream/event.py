@@ -48,6 +48,19 @@ def set_json_dumps_lookup(
     return previous
 
 
+def data_text(data: t.Any) -> str:
+    """Return ``data`` as the text an event carries: a ``str`` as is, any
+    other value as JSON.
+
+    :param data: the event's data, not ``None``.
+
+    .. versionadded:: 0.1
+    """
+    if isinstance(data, str):
+        return data
+    return (_json_dumps_lookup() or _compact_dumps)(data)
+
+
 def _split_lines(text: str) -> list[str]:
     # The parser ends a line at CRLF, CR or LF, so all three must be split on,
     # or a CR in a payload could start a field of its own.
@@ -154,9 +167,7 @@ class Event:
             out += f"retry: {self.retry}\n"
         data = self.data
         if data is not None:
-            if not isinstance(data, str):
-                data = (_json_dumps_lookup() or _compact_dumps)(data)
-            out += _field_lines("data:", data)
+            out += _field_lines("data:", data_text(data))
         return (out + "\n").encode()
 
     __bytes__ = encode

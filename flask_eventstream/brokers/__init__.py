@@ -11,13 +11,22 @@ from .memory import MemoryBroker
 __all__ = ["Broker", "BrokerError", "MemoryBroker", "broker_from_url"]
 
 
-def broker_from_url(url: str, *, history: int) -> Broker:
+def broker_from_url(url: str, *, history: int, prefix: str = "eventstream") -> Broker:
     """Create the broker that ``url`` names.
 
-    :param url: ``memory://``.
+    :param url: ``memory://``, or ``redis://host:port/db`` (also
+        ``rediss://`` and ``unix://``).
     :param history: events kept per channel for replay.
+    :param prefix: the start of the Redis keys.
     """
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme == "memory":
         return MemoryBroker(history=history)
-    raise ValueError(f"EVENTSTREAM_BROKER_URL must start with memory:// (got {url!r}).")
+    if scheme in {"redis", "rediss", "unix"}:
+        # Imported here: only apps that configure Redis need the package.
+        from .redis import RedisBroker
+
+        return RedisBroker(url, history=history, prefix=prefix)
+    raise ValueError(
+        f"EVENTSTREAM_BROKER_URL must start with memory:// or redis:// (got {url!r})."
+    )

@@ -193,6 +193,10 @@ class Broker(abc.ABC):
     .. versionadded:: 0.1
     """
 
+    #: True when other processes see the events, so that publishing from
+    #: one process reaches the subscribers of all.
+    shared: t.ClassVar[bool] = False
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._subscribers: dict[str, set[Subscription]] = {}

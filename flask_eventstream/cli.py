@@ -1,0 +1,84 @@
+"""``flask eventstream ...``: publish and inspect from the command line."""
+
+from __future__ import annotations
+
+import json
+import typing as t
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+
+from .brokers.base import BrokerError
+from .brokers.base import check_channel
+from .event import Event
+
+if t.TYPE_CHECKING:
+    from .blueprint import EventStreamState
+    from .brokers.redis import RedisBroker
+
+eventstream = AppGroup("eventstream", help="Publish events and inspect streams.")
+
+
+def _shared_state(command: str) -> EventStreamState:
+    state: EventStreamState | None = current_app.extensions.get("eventstream")
+    if state is None:
+        raise click.ClickException(
+            "This app has not registered the EventStream blueprint."
+        )
+    if not state.broker.shared:
+        raise click.ClickException(
+            f"'{command}' talks to the running servers through the broker, but"
+            " the in-memory broker lives inside each server process. Set"
+            " EVENTSTREAM_BROKER_URL=redis://host:port/db for the app and its"
+            " servers."
+        )
+    return state
+
+
+@eventstream.command("publish")
+@click.argument("channel")
+@click.argument("data")
+@click.option("--event", "event_type", help="The event type (event: field).")
+@click.option("--id", "event_id", help="The id; by default Redis assigns one.")
+def publish_command(
+    channel: str, data: str, event_type: str | None, event_id: str | None
+) -> None:
+    """Publish DATA on CHANNEL; every subscriber of every server gets it."""
+    state = _shared_state("publish")
+    try:
+        check_channel(channel)
+        new_id = state.broker.publish(
+            channel, Event(data, event=event_type, id=event_id)
+        )
+    except (ValueError, BrokerError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(new_id)
+
+
+@eventstream.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def stats_command(as_json: bool) -> None:
+    """Show each live worker's open streams and subscribers per channel."""
+    state = _shared_state("stats")
+    try:
+        workers = t.cast("RedisBroker", state.broker).cluster_stats()
+    except BrokerError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(workers, indent=2, sort_keys=True))
+        return
+    if not workers:
+        click.echo("No worker has open streams.")
+        return
+    channels: dict[str, int] = {}
+    for worker in workers:
+        click.echo(
+            f"{worker['host']} pid {worker['pid']}:"
+            f" {worker['subscriptions']} subscriptions"
+        )
+        for name, count in worker["channels"].items():
+            channels[name] = channels.get(name, 0) + count
+    click.echo(f"In all: {sum(w['subscriptions'] for w in workers)} subscriptions")
+    for name, count in sorted(channels.items()):
+        click.echo(f"  {name}: {count}")
