@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http.client
 import importlib.metadata
 import os
 import pathlib
@@ -16,6 +17,9 @@ import time
 import typing as t
 
 import requests
+
+from flask_eventstream.event import Event
+from flask_eventstream.parser import EventParser
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 APP = "tests.apps.streams:create_app()"
@@ -58,10 +62,11 @@ def _gunicorn_version() -> tuple[int, ...]:
     return tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
 
 
-def command(kind: str, port: int, app: str = APP) -> list[str]:
+def command(kind: str, port: int, app: str = APP, workers: int = 1) -> list[str]:
     """The command line that serves ``app`` with the server ``kind``."""
     bind = f"127.0.0.1:{port}"
-    gunicorn = [sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", "1"]
+    gunicorn = [sys.executable, "-m", "gunicorn", "--bind", bind]
+    gunicorn += ["--workers", str(workers)]
     if _gunicorn_version() >= (26,):
         # Each test server would otherwise share one control socket path.
         gunicorn.append("--no-control-socket")
@@ -110,15 +115,17 @@ def serve(
     app: str = APP,
     env: dict[str, str] | None = None,
     ready: str = "/state",
+    workers: int = 1,
 ) -> t.Iterator[Server]:
     """Run a server until the block ends, then stop it and all it started.
 
     :param ready: a path that answers 2xx once the app is up.
+    :param workers: gunicorn worker processes.
     """
     port = free_port()
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(
-            command(kind, port, app),
+            command(kind, port, app, workers),
             cwd=ROOT,
             env={**_clean_environ(), "PYTHONUNBUFFERED": "1", **(env or {})},
             stdin=subprocess.DEVNULL,
@@ -206,3 +213,53 @@ def wait_for(
             raise AssertionError(f"Not within {timeout} seconds: {what}.")
         time.sleep(poll)
     return time.monotonic() - start
+
+
+class EventClient:
+    """A plain HTTP client that reads one event stream, de-chunked.
+
+    :param port: the server's port on 127.0.0.1.
+    :param path: the stream's path.
+    :param last_event_id: sent as the ``Last-Event-ID`` header.
+    """
+
+    def __init__(self, port: int, path: str, last_event_id: str | None = None) -> None:
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = last_event_id
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.connection.request("GET", path, headers=headers)
+        self.response = self.connection.getresponse()
+        self.status = self.response.status
+        self.parser = EventParser()
+        self.events: list[Event] = []
+        self.ended = self.status != 200
+        if not self.ended:
+            # The opening comment: the subscription exists from here on.
+            self.response.read1(65536)
+
+    def read(self, count: int, timeout: float = 10.0) -> list[Event]:
+        """Read until ``count`` events have come in all, or the stream ends."""
+        deadline = time.monotonic() + timeout
+        while len(self.events) < count and not self.ended:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"Expected {count} events, got {len(self.events)}:"
+                    f" {self.events[-3:]!r}"
+                )
+            assert self.connection.sock is not None
+            self.connection.sock.settimeout(remaining)
+            try:
+                chunk = self.response.read1(65536)
+            except TimeoutError:
+                continue
+            except (http.client.IncompleteRead, ConnectionError):
+                chunk = b""
+            if not chunk:
+                self.ended = True
+            self.events.extend(self.parser.feed(chunk))
+        return self.events
+
+    def close(self) -> None:
+        self.connection.close()

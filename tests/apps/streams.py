@@ -14,9 +14,11 @@ import time
 import typing as t
 
 from flask import Flask
+from flask import request
 
 from example_app import create_app as create_demo
 from flask_eventstream import Event
+from flask_eventstream import EventStream
 from flask_eventstream import stream_events
 from flask_eventstream.concurrency import current_backend
 from flask_eventstream.watcher import watcher_for
@@ -87,11 +89,19 @@ def create_app() -> Flask:
     def large_stream() -> t.Iterator[t.Any]:
         return _tracked(large())
 
+    @app.post("/publish")
+    def publish() -> dict[str, str]:
+        sse = t.cast(EventStream, app.blueprints["eventstream"])
+        channel, data = request.form["channel"], request.form["data"]
+        return {"id": sse.publish(data, channel=channel)}
+
     @app.get("/state")
     def report() -> dict[str, t.Any]:
         backend = current_backend()
+        broker = app.extensions["eventstream"].broker
         return {
             **state,
+            "subscriptions": broker.stats()["subscriptions"],
             "pid": os.getpid(),
             "backend": backend.name,
             "watched": len(watcher_for(backend)),
