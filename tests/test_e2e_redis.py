@@ -224,19 +224,18 @@ def test_redis_restart_loses_no_accepted_event() -> None:
                 store.url, prefix=env["FLASK_EVENTSTREAM_KEY_PREFIX"]
             )
             accepted: list[str] = []
-            refused = 0
+            refused: list[str] = []
             running = threading.Event()
             running.set()
 
             def publish_loop() -> None:
-                nonlocal refused
                 n = 0
                 while running.is_set():
                     try:
                         publisher.publish("orders", Event(f"order {n}"))
                         accepted.append(f"order {n}")
                     except BrokerError:
-                        refused += 1
+                        refused.append(f"order {n}")
                     n += 1
                     time.sleep(0.005)
 
@@ -246,7 +245,7 @@ def test_redis_restart_loses_no_accepted_event() -> None:
                 wait_for(lambda: len(accepted) > 100, 10, "publishing")
                 store.kill()
                 wait_for(
-                    lambda: refused > 10, 10, "publish refused while Redis is down"
+                    lambda: len(refused) > 10, 10, "publish refused while Redis is down"
                 )
                 store.start()
                 count = len(accepted)
@@ -268,9 +267,18 @@ def test_redis_restart_loses_no_accepted_event() -> None:
                     subscriber.join(10)
                 publisher.close()
             for subscriber in subscribers:
-                assert subscriber.data == accepted
+                # Each accepted event once, in order. A publish cut off by the
+                # crash after Redis stored the event raised BrokerError too:
+                # that event may arrive as well, once, in its place.
+                assert len(set(subscriber.data)) == len(subscriber.data)
+                assert [d for d in subscriber.data if d not in refused] == accepted
+                assert set(subscriber.data) - set(accepted) <= set(refused)
             # Both workers came through it: alive, answering, not spinning.
-            assert a.state()["subscriptions"] == b.state()["subscriptions"] == 0
+            wait_for(
+                lambda: a.state()["subscriptions"] == b.state()["subscriptions"] == 0,
+                5,
+                "both workers released the closed subscriptions",
+            )
 
 
 def test_cli_publish_reaches_a_subscriber_of_a_running_server(

@@ -183,6 +183,8 @@ def test_sigterm_ends_100_open_streams_promptly() -> None:
         assert elapsed < 5, f"streams took {elapsed:.1f} s to end"
         # The worker exits long before its 30 s graceful timeout.
         wait_for(lambda: not _alive(pid), 5, "the worker exited")
+        # The master replaces it; stopping the server mid-boot would be slow.
+        wait_for(lambda: _replaced(server, pid), 10, "a new worker took over")
 
 
 def test_connect_disconnect_cycles_leave_no_greenlet_or_thread(
@@ -224,6 +226,13 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def _replaced(server: Server, pid: int) -> bool:
+    try:
+        return bool(server.state()["pid"] != pid)
+    except requests.RequestException:
+        return False
 
 
 def _cycle(port: int) -> None:

@@ -23,6 +23,8 @@ import urllib.parse
 
 try:
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
         "The Redis broker needs 'redis'. Install 'flask-eventstream[redis]'."
@@ -189,6 +191,10 @@ class RedisBroker(Broker):
                     socket_timeout=10,
                     socket_connect_timeout=5,
                     client_name=_client_name("commands"),
+                    # A publish is not retried: a retry after a reply was lost
+                    # would store the event twice. The caller gets
+                    # BrokerError and decides.
+                    retry=Retry(NoBackoff(), 0),
                 )
             )
             self._commands_for = (pid, client, client.register_script(_PUBLISH))
@@ -259,6 +265,8 @@ class RedisBroker(Broker):
             socket_connect_timeout=5,
             single_connection_client=True,
             client_name=_client_name("reader"),
+            # The read loop has its own backoff.
+            retry=Retry(NoBackoff(), 0),
         )
         failures = 0
         next_heartbeat = 0.0

@@ -1,0 +1,1 @@
+"""Load tools for Flask-EventStream; see benchmarks/README.md."""
