@@ -13,6 +13,7 @@ from flask import has_request_context
 from flask import request
 from flask import Response
 
+from .body import EventStreamBody
 from .brokers import broker_from_url
 from .brokers.base import BrokerError
 from .brokers.base import check_channel
@@ -262,18 +263,22 @@ class EventStream(Blueprint):
         return event_stream_response(self.listen(*names), state.options, "eventstream")
 
 
-# Subscriptions made during a request: one that did not become the
-# response's stream is closed when the request ends, however it ends.
+# Subscriptions made during a request. One that is not the stream's own
+# source may be read by the view's generator: it is closed with the stream,
+# which also wakes a generator waiting on it. Without a stream, it is closed
+# when the request ends, however it ends.
 _PENDING = "_eventstream_subscriptions"
 
 
 def _close_unused(response: Response) -> Response:
     subs = g.pop(_PENDING, None)
     if subs:
-        used = getattr(response.response, "source", None)
+        body = response.response
         for sub in subs:
-            if sub is not used:
+            if not isinstance(body, EventStreamBody):
                 sub.close()
+            elif sub is not body.source:
+                body.add_cleanup(sub.close)
     return response
 
 

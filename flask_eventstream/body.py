@@ -157,6 +157,7 @@ class EventStreamBody:
         self._next_beat: float | None = None
         self._ends_at: float | None = None
         self._closed = False
+        self._cleanups: list[cabc.Callable[[], None]] = []
 
     def __iter__(self) -> EventStreamBody:
         return self
@@ -186,6 +187,10 @@ class EventStreamBody:
         """End the stream soon; called by the watcher, never blocks."""
         self.source.interrupt()
 
+    def add_cleanup(self, fn: cabc.Callable[[], None]) -> None:
+        """Call ``fn`` when the stream is closed, after its source."""
+        self._cleanups.append(fn)
+
     def close(self) -> None:
         """Release the source and stop watching; the server calls this."""
         if self._closed:
@@ -195,6 +200,8 @@ class EventStreamBody:
         if self._watcher is not None:
             self._watcher.discard(self)
         self.source.close()
+        for fn in self._cleanups:
+            fn()
 
     def _start(self) -> bytes:
         backend = current_backend()

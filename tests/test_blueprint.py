@@ -256,6 +256,33 @@ def test_custom_view_can_listen(
     assert state(app).streams == 0
 
 
+def test_generator_may_read_a_subscription_and_is_woken_on_close(
+    app: Flask, sse: EventStream, client: FlaskClient
+) -> None:
+    """A view can transform a subscription; closing the stream frees it."""
+
+    @app.get("/upper")
+    @stream_events
+    def upper() -> t.Iterator[str]:
+        sub = sse.listen("words")
+        return (event.data.upper() for event in sub)
+
+    rv = client.get("/upper")
+    publish(app, sse, "hello", channel="words")
+    assert [e.data for e in read_events(rv, 1)] == ["HELLO"]
+    rv.close()
+    # No further publish is needed to let the generator's thread go.
+    wait_until(lambda: state(app).streams == 0)
+    assert state(app).broker.stats()["subscriptions"] == 0
+
+
+def wait_until(predicate: t.Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
 def test_subscription_unused_by_the_response_is_released(
     app: Flask, sse: EventStream, client: FlaskClient
 ) -> None:

@@ -102,6 +102,8 @@ class Subscription(StreamSource):
     :param queue_size: how far the client may fall behind before it is
         disconnected.
     :param on_close: called once when the subscription is closed.
+
+    .. versionadded:: 0.1
     """
 
     def __init__(
@@ -161,6 +163,7 @@ class Subscription(StreamSource):
             self._mailbox.close()
 
     def close(self) -> None:
+        """Unsubscribe, end the stream and free the connection slot."""
         if self._closed:
             return
         self._closed = True

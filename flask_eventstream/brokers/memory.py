@@ -50,10 +50,12 @@ class MemoryBroker(Broker):
             else:
                 order = parse_id(event.id)
                 if order <= self._last:
+                    ms, seq = self._last
+                    floor = f"{ms}-{seq + 1}"
                     raise ValueError(
-                        f"An event id must be greater than the last one issued"
-                        f" ({self._last[0]}-{self._last[1]}); got {event.id!r}."
-                        " Leave 'id' out to have one assigned."
+                        f"An event id must be at least {floor}, after every id"
+                        f" this broker issued; got {event.id!r}. Leave 'id' out"
+                        " to have one assigned."
                     )
             self._last = order
             message = Message.of(event, order)
