@@ -47,7 +47,8 @@ def parse_id(value: str) -> tuple[int, int]:
     :raises ValueError: if it is not such an id.
     """
     match = _ID.fullmatch(value)
-    if match is None:
+    # Each part is an unsigned 64-bit number, as in Redis.
+    if match is None or max(int(match[1]), int(match[2])) >= 2**64:
         raise ValueError(
             "Event ids look like '1700000000000-0' (milliseconds, a dash and a"
             f" sequence number); got {value[:60]!r}."

@@ -53,14 +53,24 @@ MAX_BACKOFF_SECONDS = 5.0
 #: How often a worker refreshes its entry in ``flask eventstream stats``.
 HEARTBEAT_SECONDS = 5.0
 
-# Both XADDs in one script, so an event is stored in full or not at all. The
-# channel stream reuses the id of the stream of all events, which is larger
-# than any earlier id of every channel.
+# One script, so an event is stored in full or not at all. The channel
+# stream reuses the id from the stream of all events, which is larger than
+# any earlier id of every channel. Both streams are trimmed exactly, and the
+# newest id each trim removed is kept in a hash: replay compares a client's
+# id with it to know whether the client missed events.
 _PUBLISH = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], ARGV[3],
-                      'c', ARGV[1], unpack(ARGV, 5))
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id,
-           'c', ARGV[1], unpack(ARGV, 5))
+local function add(key, field, maxlen, id, fields)
+  local length = redis.call('XLEN', key)
+  if length >= maxlen then
+    local gone = redis.call('XRANGE', key, '-', '+', 'COUNT', length - maxlen + 1)
+    redis.call('HSET', KEYS[3], field, gone[#gone][1])
+  end
+  return redis.call('XADD', key, 'MAXLEN', maxlen, id, unpack(fields))
+end
+local fields = {'c', ARGV[1]}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+local id = add(KEYS[1], '*', tonumber(ARGV[2]), ARGV[3], fields)
+add(KEYS[2], ARGV[1], tonumber(ARGV[4]), id, fields)
 return id
 """
 
@@ -84,6 +94,9 @@ class RedisBroker(Broker):
         self.history = history
         self.prefix = prefix
         self._all = f"{prefix}:all"
+        # Per channel (and "*" for the stream of all events), the newest id
+        # that trimming removed.
+        self._trimmed = f"{prefix}:trimmed"
         # The stream of all events only feeds readers, which keep up, but a
         # reader back from a Redis outage resumes from it.
         self._all_length = max(10 * history, 10_000)
@@ -108,7 +121,7 @@ class RedisBroker(Broker):
             return t.cast(
                 str,
                 self._publish_script()(
-                    keys=[self._all, self._channel_key(channel)],
+                    keys=[self._all, self._channel_key(channel), self._trimmed],
                     args=[
                         channel,
                         self._all_length,
@@ -119,10 +132,10 @@ class RedisBroker(Broker):
                 ),
             )
         except redis.ResponseError as e:
-            if "equal or smaller" in str(e):
+            if event.id is not None and "ID" in str(e):
                 raise ValueError(
                     f"An event id must be greater than the last one issued; got"
-                    f" {event.id!r}. Leave 'id' out to have one assigned."
+                    f" {event.id!r} ({e}). Leave 'id' out to have one assigned."
                 ) from None
             raise BrokerError(f"Redis refused the event: {e}") from e
         except redis.RedisError as e:
@@ -169,10 +182,17 @@ class RedisBroker(Broker):
         return [json.loads(v) for v in values if v]
 
     def close(self) -> None:
-        self._closed = True
+        with self._lock:
+            self._closed = True
+            reading = self._cursor is not None
         super().close()
+        if not reading:
+            self._disconnect()
+
+    def _disconnect(self) -> None:
+        # The client does not own a pool it was given: disconnect the pool.
         if self._commands_for is not None:
-            self._commands_for[1].close()
+            self._commands_for[1].connection_pool.disconnect()
 
     def _commands(self) -> redis.Redis:
         """The worker's connection for publish and replay.
@@ -223,24 +243,22 @@ class RedisBroker(Broker):
         pipe = self._commands().pipeline(transaction=False)
         for channel in channels:
             pipe.xrange(self._channel_key(channel), min=f"({last_id}", max=bound)
-        for key in (self._all, *map(self._channel_key, channels)):
-            pipe.xinfo_stream(key)
-        results = pipe.execute(raise_on_error=False)
-        runs, infos = results[: len(channels)], results[len(channels) :]
-        for result in runs:
+        pipe.hmget(self._trimmed, list(channels))
+        pipe.xinfo_stream(self._all)
+        *runs, trimmed, info = pipe.execute(raise_on_error=False)
+        for result in (*runs, trimmed):
             if isinstance(result, Exception):
                 raise result
-        # A missing stream answers XINFO with an error: it never trimmed.
-        info = [i if isinstance(i, dict) else {} for i in infos]
-        newest = parse_id(info[0].get("last-generated-id", "0-0"))
-        trimmed = [parse_id(i.get("max-deleted-entry-id", "0-0")) for i in info[1:]]
+        # No stream of all events yet: nothing was ever issued.
+        newest = (0, 0) if isinstance(info, Exception) else _order(info)
         messages = [
             [_message(entry_id, fields) for entry_id, fields in run] for run in runs
         ]
         backlog = list(heapq.merge(*messages, key=lambda m: m.order))
-        if after > newest or any(t > after for t in trimmed):
-            return [reset_message(last_id), *backlog]
-        return backlog
+        lost = after > newest or any(
+            gone is not None and parse_id(gone) > after for gone in trimmed
+        )
+        return [reset_message(last_id), *backlog] if lost else backlog
 
     def _forget_parent(self) -> None:
         # A forked worker starts with no reader and no subscribers of its own.
@@ -305,6 +323,9 @@ class RedisBroker(Broker):
             connection.close()
             with contextlib.suppress(redis.RedisError):
                 self._commands().delete(heartbeat_key)
+            if self._closed:
+                # close() left the shared connection to the reader.
+                self._disconnect()
 
     def _deliver(self, entries: list[tuple[str, dict[str, str]]]) -> None:
         messages = [(fields.get("c", ""), _message(i, fields)) for i, fields in entries]
@@ -316,8 +337,8 @@ class RedisBroker(Broker):
 
     def _resumed(self, cursor: str, failures: int) -> None:
         logger.warning("Redis is back after %d failed reads.", failures)
-        info = self._commands().xinfo_stream(self._all)
-        if parse_id(info.get("max-deleted-entry-id", "0-0")) > parse_id(cursor):
+        gone = self._commands().hget(self._trimmed, "*")
+        if gone is not None and parse_id(str(gone)) > parse_id(cursor):
             # Events after the cursor were trimmed while Redis was out of
             # reach: end every stream, so clients replay from history.
             logger.warning("Events were trimmed during the outage; ending streams.")
@@ -331,6 +352,10 @@ class RedisBroker(Broker):
 
 def _client_name(role: str) -> str:
     return f"eventstream:{role}:{socket.gethostname()}:{os.getpid()}"
+
+
+def _order(info: dict[str, t.Any]) -> tuple[int, int]:
+    return parse_id(info.get("last-generated-id", "0-0"))
 
 
 def _message(entry_id: str, fields: dict[str, str]) -> Message:

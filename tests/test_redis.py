@@ -1,0 +1,533 @@
+"""The Redis broker against a real redis-server, in process."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import random
+import re
+import socket
+import sys
+import threading
+import time
+import typing as t
+import uuid
+
+import pytest
+import redis
+from flask import Flask
+
+from flask_eventstream import BrokerError
+from flask_eventstream import Event
+from flask_eventstream import EventStream
+from flask_eventstream.blueprint import EventStreamState
+from flask_eventstream.brokers.base import parse_id
+from flask_eventstream.brokers.base import RESET_EVENT
+from flask_eventstream.brokers.redis import RedisBroker
+from flask_eventstream.concurrency import THREADS
+from flask_eventstream.parser import parse
+
+from .redis_server import redis_server
+from .redis_server import RedisServer
+from .servers import free_port
+from .servers import wait_for
+
+if t.TYPE_CHECKING:
+    import collections.abc as cabc
+
+    from flask.testing import FlaskClient
+
+    from flask_eventstream.brokers.base import Subscription
+
+    MakeBroker = cabc.Callable[..., RedisBroker]
+
+
+@pytest.fixture(scope="module")
+def server() -> cabc.Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+def own_server() -> cabc.Iterator[RedisServer]:
+    """A redis-server of the test's own, for counting or killing it."""
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def new_broker(server: RedisServer, prefix: str) -> cabc.Iterator[MakeBroker]:
+    """Make brokers (by default on the test's keys); close them all after."""
+    made: list[RedisBroker] = []
+
+    def make(
+        *, url: str | None = None, prefix: str = prefix, history: int = 1000
+    ) -> RedisBroker:
+        broker = RedisBroker(url or server.url, history=history, prefix=prefix)
+        made.append(broker)
+        return broker
+
+    yield make
+    for broker in made:
+        broker.close()
+
+
+@pytest.fixture
+def broker(new_broker: MakeBroker) -> RedisBroker:
+    return new_broker()
+
+
+@pytest.fixture
+def store(server: RedisServer) -> cabc.Iterator[redis.Redis]:
+    """A plain client, to look at what the broker wrote."""
+    with redis.Redis.from_url(server.url, decode_responses=True) as client:
+        yield client
+
+
+@pytest.fixture
+def redis_app(
+    app: Flask, server: RedisServer, prefix: str
+) -> cabc.Iterator[tuple[Flask, EventStream]]:
+    """An app with a registered EventStream on the test's Redis keys."""
+    app.config.update(EVENTSTREAM_BROKER_URL=server.url, EVENTSTREAM_KEY_PREFIX=prefix)
+    sse = EventStream()
+    app.register_blueprint(sse, url_prefix="/events")
+    yield app, sse
+    state(app).broker.close()
+
+
+def state(app: Flask) -> EventStreamState:
+    return t.cast(EventStreamState, app.extensions["eventstream"])
+
+
+def subscribed(
+    broker: RedisBroker,
+    *channels: str,
+    last: str | None = None,
+    queue_size: int = 1000,
+) -> Subscription:
+    return broker.subscribe(channels, last, queue_size=queue_size, backend=THREADS)
+
+
+def taken(sub: Subscription, count: int, timeout: float = 5.0) -> list[bytes]:
+    """Wait for ``count`` chunks of wire bytes on ``sub``; fail clearly if not.
+
+    Live events pass through the broker's reader thread, so they arrive a
+    moment after ``publish`` returns.
+    """
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while len(chunks) < count:
+        if sub.drained:
+            raise AssertionError(f"The stream ended after {len(chunks)} of {count}.")
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"Expected {count} events within {timeout} seconds, got"
+                f" {len(chunks)}; the last ones: {chunks[-3:]!r}"
+            )
+        chunks += sub.take(0.2)
+    return chunks
+
+
+def received(sub: Subscription, count: int, timeout: float = 5.0) -> list[Event]:
+    """Wait for ``count`` events on ``sub`` and parse them."""
+    return list(parse(b"".join(taken(sub, count, timeout))))
+
+
+def replayed(sub: Subscription) -> list[Event]:
+    """What ``sub`` holds right after subscribing, before any live event."""
+    chunks: list[bytes] = []
+    while batch := sub.take(0):
+        chunks += batch
+    return list(parse(b"".join(chunks)))
+
+
+def stream_lengths(store: redis.Redis, prefix: str) -> dict[str, int]:
+    """The length of every Redis stream under ``prefix``."""
+    keys = sorted(store.scan_iter(f"{prefix}:*", _type="stream"))
+    return {key: store.xlen(key) for key in keys}
+
+
+def connections(url: str, role: str = "") -> int:
+    """This process's broker connections to Redis, by their client names."""
+    with redis.Redis.from_url(url, decode_responses=True) as client:
+        names = [c["name"] for c in client.client_list()]
+    pid = str(os.getpid())
+    return sum(
+        name.startswith(f"eventstream:{role}") and name.split(":")[-1] == pid
+        for name in names
+    )
+
+
+def test_ids_come_from_redis_and_order_events_across_channels(
+    broker: RedisBroker, store: redis.Redis, prefix: str
+) -> None:
+    """Ids are Redis's ``<ms>-<seq>``, increasing over all channels."""
+    ids = [broker.publish("abc"[n % 3], Event(str(n))) for n in range(30)]
+    assert all(re.fullmatch(r"\d+-\d+", i) for i in ids)
+    orders = [parse_id(i) for i in ids]
+    assert orders == sorted(orders)
+    assert len(set(orders)) == len(orders)
+    assert abs(orders[0][0] - time.time() * 1000) < 60_000
+    # Redis holds each event once in the stream of all events and once in
+    # its channel's stream, under the id that publish returned.
+    held = {
+        key: [entry_id for entry_id, _ in t.cast("list[t.Any]", store.xrange(key))]
+        for key in stream_lengths(store, prefix)
+    }
+    assert sorted(held.values()) == sorted([ids, ids[::3], ids[1::3], ids[2::3]])
+
+
+def test_explicit_id_must_be_well_formed_and_greater_than_the_last(
+    broker: RedisBroker, store: redis.Redis, prefix: str
+) -> None:
+    """A chosen id is used as is; a bad or stale one is ValueError, unwritten."""
+    last = broker.publish("a", Event("x"))
+    chosen = f"{parse_id(last)[0] + 1000}-5"
+    assert broker.publish("b", Event("y", id=chosen)) == chosen
+    before = stream_lengths(store, prefix)
+    with pytest.raises(ValueError, match="Event ids look like"):
+        broker.publish("a", Event("z", id="abc"))
+    with pytest.raises(ValueError, match="Event ids look like"):
+        broker.publish("a", Event("z", id="12"))
+    for stale in (chosen, f"{parse_id(chosen)[0]}-4", last):
+        with pytest.raises(ValueError, match="greater than the last one"):
+            broker.publish("a", Event("z", id=stale))
+    assert stream_lengths(store, prefix) == before
+    assert parse_id(broker.publish("a", Event("z"))) > parse_id(chosen)
+
+
+@pytest.mark.parametrize(
+    "bad", ["0-0", "99999999999999999999-0", "1-99999999999999999999"]
+)
+def test_explicit_id_that_redis_cannot_store_is_a_value_error(
+    broker: RedisBroker, store: redis.Redis, prefix: str, bad: str
+) -> None:
+    """Ids Redis refuses (0-0, past 64 bits) are bad arguments, not outages."""
+    with pytest.raises(ValueError, match="id"):
+        broker.publish("a", Event("x", id=bad))
+    assert stream_lengths(store, prefix) == {}
+
+
+def test_publish_on_one_broker_reaches_subscribers_of_another(
+    new_broker: MakeBroker,
+) -> None:
+    """Two workers on one Redis and prefix: one publishes, the other delivers."""
+    publisher, worker = new_broker(), new_broker()
+    sub = subscribed(worker, "news")
+    sent = [publisher.publish("news", Event(f"n{n}", event="note")) for n in range(20)]
+    events = received(sub, 20)
+    assert [e.id for e in events] == sent
+    assert [(e.event, e.data) for e in events] == [("note", f"n{n}") for n in range(20)]
+
+
+def test_brokers_with_different_prefixes_are_isolated(new_broker: MakeBroker) -> None:
+    """Another prefix is another app: neither live events nor replay cross."""
+    ours, theirs = new_broker(), new_broker(prefix=f"t{uuid.uuid4().hex}")
+    first = ours.publish("news", Event("ours, old"))
+    sub = subscribed(theirs, "news")
+    ours.publish("news", Event("ours, live"))
+    marker = theirs.publish("news", Event("theirs"))
+    assert [(e.id, e.data) for e in received(sub, 1)] == [(marker, "theirs")]
+    # Their history holds nothing of ours either.
+    replay = replayed(subscribed(theirs, "news", last=first))
+    assert [(e.id, e.data) for e in replay] == [(marker, "theirs")]
+
+
+def test_replay_after_an_id_that_history_no_longer_holds_starts_with_a_reset(
+    new_broker: MakeBroker,
+) -> None:
+    """The reset names the id; what history still holds follows, in order."""
+    broker = new_broker(history=5)
+    # Redis trims with MAXLEN ~, whole stream nodes at a time; events this
+    # large fill a node with few entries, so 20 of them really get trimmed.
+    payload = "x" * 1500
+    ids = [broker.publish("a", Event(f"{n} {payload}")) for n in range(20)]
+    events = replayed(subscribed(broker, "a", last=ids[1]))
+    tail = [e for e in events if e.event != RESET_EVENT]
+    # The tail is a contiguous suffix: at least the last 5, never all 18.
+    assert 5 <= len(tail) < 18
+    assert [e.id for e in tail] == ids[-len(tail) :]
+    assert [e.data for e in tail] == [
+        f"{n} {payload}" for n in range(20 - len(tail), 20)
+    ]
+    assert [(e.event, e.data) for e in events[: -len(tail)]] == [
+        (RESET_EVENT, ids[1])
+    ], f"{18 - len(tail)} events after the id were trimmed, and no reset came first"
+
+
+def test_replay_after_a_recent_id_gives_exactly_the_later_events(
+    new_broker: MakeBroker,
+) -> None:
+    """No reset when history holds everything after the id; live follows."""
+    broker = new_broker(history=5)
+    ids = [broker.publish("a", Event(str(n))) for n in range(20)]
+    sub = subscribed(broker, "a", last=ids[-3])
+    assert [(e.event, e.id, e.data) for e in replayed(sub)] == [
+        ("message", ids[-2], "18"),
+        ("message", ids[-1], "19"),
+    ]
+    live = broker.publish("a", Event("20"))
+    assert [(e.id, e.data) for e in received(sub, 1)] == [(live, "20")]
+
+
+def test_id_newer_than_any_redis_issued_gives_a_reset(broker: RedisBroker) -> None:
+    """An id from the future (another Redis, a wiped one) cannot be resumed."""
+    newest = broker.publish("a", Event("x"))
+    future = f"{parse_id(newest)[0] + 3_600_000}-0"
+    sub = subscribed(broker, "a", last=future)
+    assert [(e.event, e.data) for e in replayed(sub)] == [(RESET_EVENT, future)]
+    live = broker.publish("a", Event("live"))
+    assert [(e.id, e.data) for e in received(sub, 1)] == [(live, "live")]
+
+
+def test_replay_over_several_channels_merges_in_id_order(
+    broker: RedisBroker,
+) -> None:
+    """Replay of a and b is one sequence by id, without channel c."""
+    first = broker.publish("a", Event("a0"))
+    expected = []
+    for n in range(1, 9):
+        channel = "ab"[n % 2]
+        expected.append(
+            (broker.publish(channel, Event(f"{channel}{n}")), f"{channel}{n}")
+        )
+        broker.publish("c", Event("other"))
+    events = replayed(subscribed(broker, "a", "b", last=first))
+    assert [(e.id, e.data) for e in events] == expected
+
+
+def test_subscribing_during_a_burst_hands_over_without_gap_or_duplicate(
+    new_broker: MakeBroker,
+) -> None:
+    """Replay ends where live delivery starts, even while events pour in."""
+    broker = new_broker(history=5000)
+    total = 2000
+    ids = [broker.publish("burst", Event(f"early {n}")) for n in range(100)]
+    data = {i: f"early {n}" for n, i in enumerate(ids)}
+
+    def publisher() -> None:
+        for n in range(total):
+            new_id = broker.publish("burst", Event(f"burst {n}"))
+            data[new_id] = f"burst {n}"
+            ids.append(new_id)
+            if n % 20 == 0:
+                # Pace the burst, so subscriptions land inside it.
+                time.sleep(0.001)
+
+    rng = random.Random(5)
+    subs: list[tuple[str, Subscription]] = []
+    during_burst = 0
+    thread = threading.Thread(target=publisher)
+    thread.start()
+    try:
+        for threshold in range(150, 100 + total, 200):
+            wait_for(lambda: len(ids) >= threshold, 10, "the burst", poll=0.001)  # noqa: B023
+            last = ids[rng.randrange(len(ids) - 50, len(ids))]
+            subs.append((last, subscribed(broker, "burst", last=last, queue_size=5000)))
+            during_burst += len(ids) < 100 + total
+    finally:
+        thread.join(30)
+    assert during_burst >= 5
+    end = broker.publish("burst", Event("end"))
+    for last, sub in subs:
+        expected = [*ids[ids.index(last) + 1 :], end]
+        events = received(sub, len(expected), timeout=10)
+        assert [e.id for e in events] == expected, f"after {last}"
+        assert [e.data for e in events] == [*(data[i] for i in expected[:-1]), "end"]
+
+
+def test_fan_out_encodes_each_event_once_per_broker(
+    broker: RedisBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """50 subscribers of one broker cost one encoding and share the bytes."""
+    calls = 0
+    encode = Event.encode
+
+    def counting(self: Event) -> bytes:
+        nonlocal calls
+        calls += 1
+        return encode(self)
+
+    monkeypatch.setattr(Event, "encode", counting)
+    subs = [subscribed(broker, "a") for _ in range(50)]
+    broker.publish("a", Event("hello"))
+    chunks = [taken(sub, 1) for sub in subs]
+    assert calls == 1
+    assert all(len(c) == 1 and c[0] is chunks[0][0] for c in chunks)
+
+
+def test_redis_connections_do_not_grow_with_subscribers(
+    own_server: RedisServer, new_broker: MakeBroker
+) -> None:
+    """One subscriber or 200: two connections, commands and reader."""
+    broker = new_broker(url=own_server.url)
+    subs = [subscribed(broker, "c1")]
+    broker.publish("c1", Event("one"))
+    received(subs[0], 1)
+    with_one = connections(own_server.url)
+    subs += [subscribed(broker, "c1", f"c{n % 10}") for n in range(199)]
+    broker.publish("c1", Event("two"))
+    for sub in subs:
+        assert received(sub, 1)[-1].data == "two"
+    assert connections(own_server.url) == with_one == 2
+    for sub in subs:
+        sub.close()
+    # The reader stops once nobody listens; it looks around every second.
+    wait_for(lambda: connections(own_server.url, "reader") == 0, 5, "reader gone")
+    assert connections(own_server.url) == 1
+
+
+def test_closing_the_broker_releases_its_redis_connections(
+    own_server: RedisServer, new_broker: MakeBroker
+) -> None:
+    """After close() the broker holds no connection to Redis."""
+    broker = new_broker(url=own_server.url)
+    sub = subscribed(broker, "a")
+    broker.publish("a", Event("x"))
+    received(sub, 1)
+    sub.close()
+    broker.close()
+    wait_for(lambda: connections(own_server.url) == 0, 5, "no connection left")
+
+
+def test_publish_and_subscribe_without_redis_raise_broker_error(
+    new_broker: MakeBroker,
+) -> None:
+    """The error names where Redis was expected and what to check."""
+    port = free_port()
+    broker = new_broker(url=f"redis://127.0.0.1:{port}/0")
+    said = re.escape(f"127.0.0.1:{port}") + ".*Is redis-server running and reachable"
+    with pytest.raises(BrokerError, match=f"Could not publish.*{said}"):
+        broker.publish("a", Event("x"))
+    with pytest.raises(BrokerError, match=f"Could not subscribe.*{said}"):
+        subscribed(broker, "a")
+    with pytest.raises(BrokerError, match=f"Could not subscribe.*{said}"):
+        subscribed(broker, "a", last="1700000000000-0")
+    assert broker.stats() == {"subscriptions": 0, "channels": {}}
+
+
+def test_blueprint_without_redis_answers_503_and_holds_no_slot(
+    app: Flask, client: FlaskClient
+) -> None:
+    """A subscriber is told to come back later; publish raises BrokerError."""
+    app.config["EVENTSTREAM_BROKER_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    sse = EventStream()
+    app.register_blueprint(sse, url_prefix="/events")
+    try:
+        rv = client.get("/events?channel=a")
+        assert rv.status_code == 503
+        assert rv.headers["Retry-After"] == "5"
+        assert rv.mimetype == "text/plain"
+        assert "try again" in rv.get_data(as_text=True)
+        assert state(app).streams == 0
+        with app.app_context(), pytest.raises(BrokerError, match="redis-server"):
+            sse.publish("x", channel="a")
+    finally:
+        state(app).broker.close()
+
+
+def test_subscriber_survives_a_redis_restart_and_misses_nothing(
+    own_server: RedisServer,
+    new_broker: MakeBroker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Kill Redis, start it again: every accepted event arrives once, in order."""
+    broker = new_broker(url=own_server.url)
+    sub = subscribed(broker, "orders")
+    accepted = [broker.publish("orders", Event(f"before {n}")) for n in range(10)]
+    assert [e.id for e in received(sub, 10)] == accepted
+    own_server.kill()
+    with pytest.raises(BrokerError, match="Is redis-server running"):
+        broker.publish("orders", Event("refused"))
+    wait_for(lambda: "Lost Redis" in caplog.text, 10, "the reader losing Redis")
+    own_server.start()
+    accepted += [broker.publish("orders", Event(f"after {n}")) for n in range(10)]
+    events = received(sub, 10, timeout=15)
+    assert [e.id for e in events] == accepted[10:]
+    assert [e.data for e in events] == [f"after {n}" for n in range(10)]
+    # The reader came back by itself and went on from the last id it saw.
+    assert "Redis is back" in caplog.text
+    end = broker.publish("orders", Event("end"))
+    assert [e.id for e in received(sub, 1)] == [end]
+    assert broker.stats() == {"subscriptions": 1, "channels": {"orders": 1}}
+
+
+def test_cluster_stats_list_this_process_while_it_has_subscribers(
+    broker: RedisBroker,
+) -> None:
+    """The reader's heartbeat names host, pid and subscriptions per channel."""
+    assert broker.cluster_stats() == []
+    subs = [subscribed(broker, "a", "b"), subscribed(broker, "a")]
+    wait_for(lambda: broker.cluster_stats() != [], 5, "a heartbeat")
+    assert broker.cluster_stats() == [
+        {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "subscriptions": 2,
+            "channels": {"a": 2, "b": 1},
+        }
+    ]
+    for sub in subs:
+        sub.close()
+    wait_for(lambda: broker.cluster_stats() == [], 5, "the heartbeat removed")
+
+
+def test_cli_publishes_and_shows_stats_through_redis(
+    redis_app: tuple[Flask, EventStream], new_broker: MakeBroker
+) -> None:
+    """``flask eventstream publish`` reaches a worker; ``stats`` lists it."""
+    app, _ = redis_app
+    worker = new_broker()
+    sub = subscribed(worker, "chan")
+    runner = app.test_cli_runner()
+    result = runner.invoke(
+        args=["eventstream", "publish", "chan", "hello", "--event", "note"]
+    )
+    assert result.exit_code == 0, result.output
+    (event,) = received(sub, 1)
+    assert (event.event, event.data, event.id) == (
+        "note",
+        "hello",
+        result.output.strip(),
+    )
+    wait_for(lambda: worker.cluster_stats() != [], 5, "a heartbeat")
+    result = runner.invoke(args=["eventstream", "stats"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        f"{socket.gethostname()} pid {os.getpid()}: 1 subscriptions",
+        "In all: 1 subscriptions",
+        "  chan: 1",
+    ]
+    result = runner.invoke(args=["eventstream", "stats", "--json"])
+    assert json.loads(result.output) == worker.cluster_stats()
+
+
+@pytest.mark.parametrize(
+    "args", [["eventstream", "publish", "chan", "hello"], ["eventstream", "stats"]]
+)
+def test_cli_with_the_memory_broker_says_to_configure_redis(
+    app: Flask, args: list[str]
+) -> None:
+    """The commands reach servers only through Redis, and say so."""
+    app.register_blueprint(EventStream(), url_prefix="/events")
+    result = app.test_cli_runner().invoke(args=args)
+    assert result.exit_code != 0
+    assert "EVENTSTREAM_BROKER_URL=redis://" in result.output
+
+
+def test_importing_the_redis_broker_without_redis_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ImportError names the extra to install."""
+    monkeypatch.setitem(sys.modules, "redis", None)
+    monkeypatch.delitem(sys.modules, "flask_eventstream.brokers.redis")
+    message = "The Redis broker needs 'redis'. Install 'flask-eventstream[redis]'."
+    with pytest.raises(ImportError, match=f"^{re.escape(message)}$"):
+        importlib.import_module("flask_eventstream.brokers.redis")
