@@ -126,6 +126,7 @@ def test_200_subscribers_use_as_many_redis_connections_as_one(
         finally:
             for client in clients:
                 client.close()
+    print(f"Redis connections of the worker: {with_one} (1 client), {with_200} (200)")
     assert with_one == with_200 == 2
 
 
@@ -166,6 +167,7 @@ def test_replay_across_workers_during_a_burst(shared_redis: RedisServer) -> None
             client.close()
             thread.join(30)
             publisher.close()
+    print(f"replay across servers: {hops} hops, {during_burst} during the burst")
     assert during_burst > 5
     assert seen == [str(n) for n in range(total)]
 
@@ -266,6 +268,11 @@ def test_redis_restart_loses_no_accepted_event() -> None:
                 for subscriber in subscribers:
                     subscriber.join(10)
                 publisher.close()
+            print(
+                f"Redis restart: {len(accepted)} publishes accepted, {len(refused)}"
+                f" refused; subscribers got {[len(x.data) for x in subscribers]}"
+                f" events after {[x.reconnects for x in subscribers]} reconnects"
+            )
             for subscriber in subscribers:
                 # Each accepted event once, in order. A publish cut off by the
                 # crash after Redis stored the event raised BrokerError too:
