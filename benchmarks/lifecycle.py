@@ -16,6 +16,7 @@ import os
 import signal
 import statistics
 import time
+import typing as t
 
 from tests.servers import open_stream
 from tests.servers import read_until
@@ -32,9 +33,13 @@ def disconnects(server: Server, runs: int = 20) -> list[float]:
         read_until(sock, b": stream opened\n")
         start = time.monotonic()
         sock.close()
-        wait_for(lambda n=before + 1: server.state()["finished"] == n, 10, "finally")
+        wait_for(_finished(server, before + 1), 10, "the generator's finally")
         seconds.append(time.monotonic() - start)
     return seconds
+
+
+def _finished(server: Server, count: int) -> t.Callable[[], bool]:
+    return lambda: bool(server.state()["finished"] == count)
 
 
 def stalled(server: Server) -> float:
