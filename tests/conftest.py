@@ -5,6 +5,8 @@ import typing as t
 import pytest
 from flask import Flask
 
+from flask_eventstream import Event
+
 if t.TYPE_CHECKING:
     from flask.testing import FlaskClient
 
@@ -19,3 +21,17 @@ def app() -> Flask:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+@pytest.fixture
+def encodings(monkeypatch: pytest.MonkeyPatch) -> list[Event]:
+    """Every event encoded while the test runs, in order."""
+    encoded: list[Event] = []
+    encode = Event.encode
+
+    def counting(self: Event) -> bytes:
+        encoded.append(self)
+        return encode(self)
+
+    monkeypatch.setattr(Event, "encode", counting)
+    return encoded
