@@ -235,8 +235,10 @@ def test_brokers_with_different_prefixes_are_isolated(new_broker: MakeBroker) ->
     ours.publish("news", Event("ours, live"))
     marker = theirs.publish("news", Event("theirs"))
     assert [(e.id, e.data) for e in received(sub, 1)] == [(marker, "theirs")]
-    # Their history holds nothing of ours either.
-    replay = replayed(subscribed(theirs, "news", last=first))
+    # Their history holds nothing of ours either; our id, older than their
+    # first event, is one they cannot resume from.
+    reset, *replay = replayed(subscribed(theirs, "news", last=first))
+    assert (reset.event, reset.data) == (RESET_EVENT, first)
     assert [(e.id, e.data) for e in replay] == [(marker, "theirs")]
 
 
@@ -245,21 +247,70 @@ def test_replay_after_an_id_that_history_no_longer_holds_starts_with_a_reset(
 ) -> None:
     """The reset names the id; what history still holds follows, in order."""
     broker = new_broker(history=5)
-    # Redis trims with MAXLEN ~, whole stream nodes at a time; events this
-    # large fill a node with few entries, so 20 of them really get trimmed.
-    payload = "x" * 1500
-    ids = [broker.publish("a", Event(f"{n} {payload}")) for n in range(20)]
-    events = replayed(subscribed(broker, "a", last=ids[1]))
-    tail = [e for e in events if e.event != RESET_EVENT]
-    # The tail is a contiguous suffix: at least the last 5, never all 18.
-    assert 5 <= len(tail) < 18
-    assert [e.id for e in tail] == ids[-len(tail) :]
-    assert [e.data for e in tail] == [
-        f"{n} {payload}" for n in range(20 - len(tail), 20)
-    ]
-    assert [(e.event, e.data) for e in events[: -len(tail)]] == [
-        (RESET_EVENT, ids[1])
-    ], f"{18 - len(tail)} events after the id were trimmed, and no reset came first"
+    ids = [broker.publish("a", Event(str(n))) for n in range(20)]
+    reset, *tail = replayed(subscribed(broker, "a", last=ids[1]))
+    assert (reset.event, reset.data) == (RESET_EVENT, ids[1])
+    # History is trimmed exactly: the last 5, in order.
+    assert [(e.id, e.data) for e in tail] == [(ids[n], str(n)) for n in range(15, 20)]
+
+
+def test_id_just_before_history_replays_without_reset(
+    new_broker: MakeBroker,
+) -> None:
+    """The newest trimmed id is still a place to resume from."""
+    broker = new_broker(history=5)
+    ids = [broker.publish("a", Event(str(n))) for n in range(20)]
+    events = replayed(subscribed(broker, "a", last=ids[14]))
+    assert [e.data for e in events] == [str(n) for n in range(15, 20)]
+
+
+def test_ids_from_before_redis_lost_its_data_reset_even_after_new_events(
+    broker: RedisBroker, store: redis.Redis, prefix: str
+) -> None:
+    """History Redis lost (a flush, a restart without persistence) resets."""
+    old = broker.publish("a", Event("before"))
+    for key in store.scan_iter(f"{prefix}:*"):
+        store.delete(key)
+    broker.publish("a", Event("after"))
+    reset, *rest = replayed(subscribed(broker, "a", last=old))
+    assert (reset.event, reset.data) == (RESET_EVENT, old)
+    assert [e.data for e in rest] == ["after"]
+
+
+def test_refused_id_leaves_no_trace(
+    new_broker: MakeBroker, store: redis.Redis, prefix: str
+) -> None:
+    """A refused id writes nothing, not even the record of trimming."""
+    broker = new_broker(history=1)
+    last = broker.publish("a", Event("x"))
+    before = {key: store.dump(key) for key in store.scan_iter(f"{prefix}:*")}
+    with pytest.raises(ValueError):
+        broker.publish("a", Event("y", id=last))
+    after = {key: store.dump(key) for key in store.scan_iter(f"{prefix}:*")}
+    assert after == before
+
+
+def test_reader_overtaken_by_trimming_ends_its_streams(
+    new_broker: MakeBroker,
+) -> None:
+    """A reader that falls behind what Redis keeps ends streams, skips nothing."""
+    worker = new_broker(history=1)
+    other = new_broker(history=1)
+    sub = subscribed(worker, "a")
+    other.publish("a", Event("first"))
+    assert [e.data for e in received(sub, 1)] == ["first"]
+    # Stall the worker's reader (it waits for the lock to fan out) while
+    # another process publishes more than the stream of all events keeps.
+    with worker._lock:
+        for n in range(10_500):
+            other.publish("b", Event(str(n)))
+        other.publish("a", Event("after the gap"))
+    deadline = time.monotonic() + 10
+    events: list[bytes] = []
+    while not sub.drained:
+        assert time.monotonic() < deadline, "the stream did not end"
+        events += sub.take(0.2)
+    assert b"after the gap" not in b"".join(events)
 
 
 def test_replay_after_a_recent_id_gives_exactly_the_later_events(

@@ -61,11 +61,19 @@ HEARTBEAT_SECONDS = 5.0
 _PUBLISH = """
 local function add(key, field, maxlen, id, fields)
   local length = redis.call('XLEN', key)
+  local gone = nil
   if length >= maxlen then
-    local gone = redis.call('XRANGE', key, '-', '+', 'COUNT', length - maxlen + 1)
-    redis.call('HSET', KEYS[3], field, gone[#gone][1])
+    local old = redis.call('XRANGE', key, '-', '+', 'COUNT', length - maxlen + 1)
+    gone = old[#old][1]
   end
-  return redis.call('XADD', key, 'MAXLEN', maxlen, id, unpack(fields))
+  -- XADD checks a given id first: a refused one stops the script here,
+  -- before anything is written.
+  local new = redis.call('XADD', key, 'MAXLEN', maxlen, id, unpack(fields))
+  if gone then redis.call('HSET', KEYS[3], field, gone) end
+  if length == 0 and field == '*' then
+    redis.call('SET', KEYS[4], new, 'NX')
+  end
+  return new
 end
 local fields = {'c', ARGV[1]}
 for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
@@ -97,6 +105,10 @@ class RedisBroker(Broker):
         # Per channel (and "*" for the stream of all events), the newest id
         # that trimming removed.
         self._trimmed = f"{prefix}:trimmed"
+        # The first id this Redis ever issued for the app: an id older than
+        # it comes from history that Redis lost (a restart without
+        # persistence, a flush).
+        self._first = f"{prefix}:first"
         # The stream of all events only feeds readers, which keep up, but a
         # reader back from a Redis outage resumes from it.
         self._all_length = max(10 * history, 10_000)
@@ -121,7 +133,12 @@ class RedisBroker(Broker):
             return t.cast(
                 str,
                 self._publish_script()(
-                    keys=[self._all, self._channel_key(channel), self._trimmed],
+                    keys=[
+                        self._all,
+                        self._channel_key(channel),
+                        self._trimmed,
+                        self._first,
+                    ],
                     args=[
                         channel,
                         self._all_length,
@@ -244,9 +261,10 @@ class RedisBroker(Broker):
         for channel in channels:
             pipe.xrange(self._channel_key(channel), min=f"({last_id}", max=bound)
         pipe.hmget(self._trimmed, list(channels))
+        pipe.get(self._first)
         pipe.xinfo_stream(self._all)
-        *runs, trimmed, info = pipe.execute(raise_on_error=False)
-        for result in (*runs, trimmed):
+        *runs, trimmed, first, info = pipe.execute(raise_on_error=False)
+        for result in (*runs, trimmed, first):
             if isinstance(result, Exception):
                 raise result
         # No stream of all events yet: nothing was ever issued.
@@ -255,8 +273,10 @@ class RedisBroker(Broker):
             [_message(entry_id, fields) for entry_id, fields in run] for run in runs
         ]
         backlog = list(heapq.merge(*messages, key=lambda m: m.order))
-        lost = after > newest or any(
-            gone is not None and parse_id(gone) > after for gone in trimmed
+        lost = (
+            after > newest
+            or (first is not None and after < parse_id(first))
+            or any(gone is not None and parse_id(gone) > after for gone in trimmed)
         )
         return [reset_message(last_id), *backlog] if lost else backlog
 
@@ -303,9 +323,7 @@ class RedisBroker(Broker):
                     reply = connection.xread(
                         {self._all: cursor}, count=READ_COUNT, block=READ_BLOCK_MS
                     )
-                    if failures:
-                        self._resumed(cursor, failures)
-                        failures = 0
+                    overtaken = bool(reply) and self._overtaken(connection, cursor)
                 except redis.RedisError as e:
                     failures += 1
                     if failures == 1:
@@ -314,8 +332,17 @@ class RedisBroker(Broker):
                         )
                     time.sleep(min(0.1 * 2**failures, MAX_BACKOFF_SECONDS))
                     continue
+                if failures:
+                    logger.warning("Redis is back after %d failed reads.", failures)
+                    failures = 0
+                if overtaken:
+                    # Trimming passed the reader (it fell further behind than
+                    # the stream of all events holds): the streams end, so
+                    # their clients replay or learn of the gap.
+                    logger.warning("The reader fell behind; ending streams.")
+                    super().close()
                 for _key, entries in t.cast("list[t.Any]", reply or []):
-                    self._deliver(entries)
+                    self._deliver([] if overtaken else entries, entries[-1][0])
                 if time.monotonic() >= next_heartbeat:
                     next_heartbeat = time.monotonic() + HEARTBEAT_SECONDS
                     self._heartbeat(heartbeat_key)
@@ -327,22 +354,19 @@ class RedisBroker(Broker):
                 # close() left the shared connection to the reader.
                 self._disconnect()
 
-    def _deliver(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+    def _deliver(self, entries: list[tuple[str, dict[str, str]]], last: str) -> None:
         messages = [(fields.get("c", ""), _message(i, fields)) for i, fields in entries]
         with self._lock:
             for channel, message in messages:
                 self._fan_out(channel, message)
+            # In the same step as the fan-out: a subscription attached
+            # now replays up to here and is live after it.
             if self._cursor is not None:
-                self._cursor = entries[-1][0]
+                self._cursor = last
 
-    def _resumed(self, cursor: str, failures: int) -> None:
-        logger.warning("Redis is back after %d failed reads.", failures)
-        gone = self._commands().hget(self._trimmed, "*")
-        if gone is not None and parse_id(str(gone)) > parse_id(cursor):
-            # Events after the cursor were trimmed while Redis was out of
-            # reach: end every stream, so clients replay from history.
-            logger.warning("Events were trimmed during the outage; ending streams.")
-            super().close()
+    def _overtaken(self, connection: redis.Redis, cursor: str) -> bool:
+        gone = connection.hget(self._trimmed, "*")
+        return gone is not None and parse_id(str(gone)) > parse_id(cursor)
 
     def _heartbeat(self, key: str) -> None:
         value = {"host": socket.gethostname(), "pid": os.getpid(), **self.stats()}
