@@ -55,6 +55,19 @@ class Chunks:
         return data
 
 
+def gated(app: Flask, decorate: t.Callable[..., t.Any]) -> threading.Event:
+    """Add a stream at /s that is silent until the returned gate opens."""
+    gate = threading.Event()
+
+    @app.get("/s")
+    @decorate
+    def s() -> t.Iterator[str]:
+        gate.wait(5)
+        yield "done"
+
+    return gate
+
+
 def test_response_has_event_stream_headers_and_no_connection(
     app: Flask, client: FlaskClient
 ) -> None:
@@ -78,19 +91,13 @@ def test_opening_comment_comes_before_the_first_event(
     app: Flask, client: FlaskClient
 ) -> None:
     """The first chunk is a lone comment line, sent before any event exists."""
-    go = threading.Event()
-
-    @app.get("/s")
-    @stream_events
-    def s() -> t.Iterator[str]:
-        go.wait(5)
-        yield "late"
+    go = gated(app, stream_events)
 
     with client.get("/s") as rv:
         chunks = Chunks(rv)
         assert chunks.next() == b": stream opened\n"
         go.set()
-        assert chunks.next() == b"data: late\n\n"
+        assert chunks.next() == b"data: done\n\n"
 
 
 def test_items_are_encoded_by_type(app: Flask, client: FlaskClient) -> None:
@@ -133,13 +140,7 @@ def test_keepalive_comment_sent_when_generator_is_idle(
     app: Flask, client: FlaskClient
 ) -> None:
     """A silent generator gets keep-alive comments between its events."""
-    go = threading.Event()
-
-    @app.get("/s")
-    @stream_events(keep_alive=0.05)
-    def s() -> t.Iterator[str]:
-        go.wait(5)
-        yield "done"
+    go = gated(app, stream_events(keep_alive=0.05))
 
     with client.get("/s") as rv:
         chunks = Chunks(rv)
@@ -156,13 +157,9 @@ def test_heartbeat_event_replaces_the_keepalive_comment(
     app: Flask, client: FlaskClient
 ) -> None:
     """``heartbeat=Event(...)`` is sent instead of the comment."""
-    go = threading.Event()
-
-    @app.get("/s")
-    @stream_events(keep_alive=0.05, heartbeat=Event("{}", event="heartbeat"))
-    def s() -> t.Iterator[str]:
-        go.wait(5)
-        yield "done"
+    go = gated(
+        app, stream_events(keep_alive=0.05, heartbeat=Event("{}", event="heartbeat"))
+    )
 
     with client.get("/s") as rv:
         chunks = Chunks(rv)
@@ -174,13 +171,7 @@ def test_heartbeat_event_replaces_the_keepalive_comment(
 def test_keepalive_interval_comes_from_config(app: Flask, client: FlaskClient) -> None:
     """Without ``keep_alive``, EVENTSTREAM_KEEPALIVE sets the interval."""
     app.config["EVENTSTREAM_KEEPALIVE"] = 0.05
-    go = threading.Event()
-
-    @app.get("/s")
-    @stream_events
-    def s() -> t.Iterator[str]:
-        go.wait(5)
-        yield "done"
+    go = gated(app, stream_events)
 
     with client.get("/s") as rv:
         chunks = Chunks(rv)
