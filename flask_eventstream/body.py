@@ -29,6 +29,7 @@ if t.TYPE_CHECKING:
     from flask import Flask
 
     from .concurrency import Backend
+    from .concurrency import Task
     from .watcher import Watcher
 
 #: How many encoded events a generator may get ahead of its client.
@@ -71,7 +72,7 @@ class GeneratorSource(StreamSource):
         self._app = app
         self._name = name
         self._mailbox: Mailbox[bytes] | None = None
-        self._task: t.Any = None
+        self._task: Task | None = None
 
     def start(self, backend: Backend) -> None:
         self._mailbox = Mailbox(backend, PRODUCER_QUEUE_SIZE)
@@ -102,9 +103,9 @@ class GeneratorSource(StreamSource):
         try:
             for item in self._iterable:
                 chunk = encode_item(item)
-                if chunk is not None and not mailbox.put(chunk):
-                    break
-                if mailbox.closed:
+                # A closed mailbox means the stream is over; a yielded None
+                # is the generator's chance to notice that.
+                if mailbox.closed or (chunk is not None and not mailbox.put(chunk)):
                     break
         except Exception:
             self._app.logger.exception(
