@@ -1,17 +1,20 @@
-"""The app the load tools serve: the blueprint, a publish endpoint, state."""
+"""The app the load tools serve: the interface of benchmarks/README.md."""
 
 from __future__ import annotations
 
 import os
+import typing as t
 
 from flask import Flask
 from flask import request
 
+from flask_eventstream import Event
 from flask_eventstream import EventStream
+from flask_eventstream import stream_events
 
 
 def create_app() -> Flask:
-    """An app with ``/events``, ``POST /publish`` and ``/state``."""
+    """An app with ``/events``, ``POST /publish``, ``/throughput`` and ``/state``."""
     app = Flask(__name__)
     app.config.from_prefixed_env()
     sse = EventStream()
@@ -22,6 +25,17 @@ def create_app() -> Flask:
         return {
             "id": sse.publish(request.args["data"], channel=request.args["channel"])
         }
+
+    @app.get("/throughput")
+    @stream_events
+    def throughput() -> t.Iterator[Event]:
+        count = request.args.get("n", 1000, type=int)
+        # One Event yielded again and again: each is still encoded and sent
+        # on its own, so what is measured is the stream path, not building
+        # the objects.
+        event = Event("x" * request.args.get("size", 100, type=int))
+        for _ in range(count):
+            yield event
 
     @app.get("/state")
     def state() -> dict[str, int]:

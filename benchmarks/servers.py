@@ -1,0 +1,322 @@
+"""Start the servers under test, each with one worker, on free ports.
+
+.. code-block:: python
+
+    with start("flask-sse") as server:
+        ...  # drive server.url, then read server.process_tree_rss_kib()
+
+Every server runs as a subprocess in a session of its own, with the
+open-file limit raised to the hard limit and no inherited ``FLASK_*``
+settings. The servers backed by Redis get a redis-server of their own. All
+of it is stopped when the block ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import os
+import pathlib
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import typing as t
+import urllib.request
+
+if t.TYPE_CHECKING:
+    import collections.abc as cabc
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+#: The servers under test, as results name them (see README.md).
+NAMES = [
+    "eventstream",
+    "eventstream-redis",
+    "raw-gevent",
+    "flask-plain",
+    "flask-sse",
+    "sse-starlette",
+]
+#: The servers that need a redis-server.
+REDIS_NAMES = frozenset({"eventstream-redis", "flask-sse"})
+#: Flask-SSE holds one Redis connection per open stream.
+REDIS_MAX_CLIENTS = 20_000
+READY_TIMEOUT_SECONDS = 30.0
+STOP_TIMEOUT_SECONDS = 10.0
+# The kernel caps listen queues at net.core.somaxconn; this is gunicorn's and
+# uvicorn's default, given to redis-server too.
+LISTEN_BACKLOG = 2048
+
+
+@dataclasses.dataclass
+class Running:
+    """A server that answers, and what is known about its processes."""
+
+    #: One of :data:`NAMES`.
+    name: str
+    port: int
+    #: The process that serves requests (gunicorn's worker, not its master).
+    pid: int
+    process: subprocess.Popen[bytes]
+    log_path: pathlib.Path
+    redis: subprocess.Popen[bytes] | None = None
+    redis_url: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def process_tree_rss_kib(self) -> int:
+        """Resident memory of the server's processes together: the process
+        started and everything below it; never the redis-server.
+        """
+        skip = {self.redis.pid} if self.redis is not None else set()
+        return sum(rss_kib(pid) for pid in process_tree(self.process.pid) - skip)
+
+    def redis_rss_kib(self) -> int:
+        """Resident memory of this server's redis-server; 0 if it has none."""
+        return 0 if self.redis is None else rss_kib(self.redis.pid)
+
+    def log(self) -> str:
+        """What the server wrote to stdout and stderr so far."""
+        return self.log_path.read_text("utf-8", "replace")
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of one process from ``/proc``; 0 once it is gone."""
+    try:
+        status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def process_tree(root: int) -> set[int]:
+    """``root`` and every process below it, from ``/proc``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = pathlib.Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        # The name in parentheses may hold spaces; the fields after it don't.
+        parent = int(stat.rpartition(")")[2].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    tree = set()
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        tree.add(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def open_file_limit() -> int:
+    """The open-file limit the servers get: the hard limit, or the kernel's
+    ceiling when there is no hard limit.
+    """
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return int(pathlib.Path("/proc/sys/fs/nr_open").read_text())
+    return hard
+
+
+def _raise_open_file_limit() -> None:
+    # Runs in the child between fork and exec.
+    limit = open_file_limit()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
+def _gunicorn_version() -> tuple[int, ...]:
+    version = importlib.metadata.version("gunicorn")
+    return tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+
+
+def _gunicorn(port: int, app: str, max_streams: int) -> list[str]:
+    command = [
+        sys.executable, "-m", "gunicorn",
+        "-k", "gevent",
+        "--workers", "1",
+        "--worker-connections", str(max_streams + 100),
+        "--bind", f"127.0.0.1:{port}",
+        "--log-level", "warning",
+    ]  # fmt: skip
+    if _gunicorn_version() >= (26,):
+        # Servers side by side would otherwise share one control socket path.
+        command.append("--no-control-socket")
+    return [*command, app]
+
+
+def command(name: str, port: int, max_streams: int) -> list[str]:
+    """The command line that serves ``name`` on ``port``."""
+    if name in ("eventstream", "eventstream-redis"):
+        return _gunicorn(port, "benchmarks.app:create_app()", max_streams)
+    if name == "flask-plain":
+        return _gunicorn(port, "benchmarks.peers.flask_plain:create_app()", max_streams)
+    if name == "flask-sse":
+        return _gunicorn(port, "benchmarks.peers.flask_sse:create_app()", max_streams)
+    if name == "raw-gevent":
+        module = "benchmarks.peers.raw_gevent"
+        return [sys.executable, "-m", module, "--port", str(port)]
+    if name == "sse-starlette":
+        return [
+            sys.executable, "-m", "uvicorn", "benchmarks.peers.sse_starlette:app",
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--workers", "1",
+            "--log-level", "warning",
+        ]  # fmt: skip
+    raise ValueError(f"Unknown server {name!r}; the servers are {', '.join(NAMES)}.")
+
+
+def _environ(name: str, redis_url: str | None) -> dict[str, str]:
+    # The apps read FLASK_* settings; only the launcher's own may reach them.
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("FLASK_")}
+    environ["PYTHONUNBUFFERED"] = "1"
+    if name == "eventstream-redis" and redis_url is not None:
+        environ["FLASK_EVENTSTREAM_BROKER_URL"] = redis_url
+    if name == "flask-sse" and redis_url is not None:
+        environ["FLASK_REDIS_URL"] = redis_url
+    return environ
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the process group; SIGKILL if it is not gone in 10 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(STOP_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(STOP_TIMEOUT_SECONDS)
+
+
+def _spawn(
+    args: list[str], log_path: pathlib.Path, environ: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=environ,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_raise_open_file_limit,
+        )
+
+
+@contextlib.contextmanager
+def _redis_server(
+    directory: pathlib.Path,
+) -> cabc.Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise RuntimeError("redis-server is not installed; install Debian's.")
+    port = free_port()
+    log_path = directory / "redis.log"
+    # Redis keeps 32 descriptors for itself; asking for more clients than
+    # the limit allows would only make it lower maxclients with a warning.
+    max_clients = min(REDIS_MAX_CLIENTS, open_file_limit() - 32)
+    process = _spawn(
+        [
+            executable,
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--dir", str(directory),
+            "--save", "",
+            "--appendonly", "no",
+            "--maxclients", str(max_clients),
+            "--tcp-backlog", str(LISTEN_BACKLOG),
+            "--daemonize", "no",
+        ],
+        log_path,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        while not _redis_answers(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                log = log_path.read_text("utf-8", "replace")
+                raise RuntimeError(f"redis-server did not start on {port}:\n{log}")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0", process
+    finally:
+        _stop(process)
+
+
+def _redis_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _state(url: str) -> dict[str, t.Any]:
+    with urllib.request.urlopen(f"{url}/state", timeout=5) as rv:
+        return t.cast(dict[str, t.Any], json.loads(rv.read()))
+
+
+@contextlib.contextmanager
+def start(name: str, *, max_streams: int = 20_000) -> cabc.Iterator[Running]:
+    """Run the server ``name`` until the block ends, then stop it and its
+    redis-server.
+
+    :param name: one of :data:`NAMES`.
+    :param max_streams: how many streams the server must be able to hold;
+        gunicorn's ``--worker-connections`` is set a little above it.
+    """
+    if name not in NAMES:
+        raise ValueError(
+            f"Unknown server {name!r}; the servers are {', '.join(NAMES)}."
+        )
+    with contextlib.ExitStack() as stack:
+        directory = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        redis_url: str | None = None
+        redis: subprocess.Popen[bytes] | None = None
+        if name in REDIS_NAMES:
+            redis_url, redis = stack.enter_context(_redis_server(directory))
+        port = free_port()
+        log_path = directory / "server.log"
+        process = _spawn(
+            command(name, port, max_streams), log_path, _environ(name, redis_url)
+        )
+        stack.callback(_stop, process)
+        running = Running(name, port, 0, process, log_path, redis, redis_url)
+        running.pid = _wait_for_pid(running)
+        yield running
+
+
+def _wait_for_pid(running: Running) -> int:
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    while time.monotonic() < deadline and running.process.poll() is None:
+        try:
+            return int(_state(running.url)["pid"])
+        except (OSError, ValueError):
+            time.sleep(0.1)
+    raise RuntimeError(
+        f"The {running.name} server did not answer {running.url}/state within"
+        f" {READY_TIMEOUT_SECONDS:.0f} s:\n{running.log()}"
+    )
