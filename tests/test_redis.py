@@ -573,3 +573,30 @@ def test_importing_the_redis_broker_without_redis_says_what_to_install(
     message = "The Redis broker needs 'redis'. Install 'flask-eventstream[redis]'."
     with pytest.raises(ImportError, match=f"^{re.escape(message)}$"):
         importlib.import_module("flask_eventstream.brokers.redis")
+
+
+def test_client_ahead_of_this_workers_reader_gets_no_duplicate(
+    new_broker: MakeBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An id this worker's reader has not reached yet is not sent again."""
+    worker, other = new_broker(), new_broker()
+    first = subscribed(worker, "a")
+    release = threading.Event()
+    reading = threading.Event()
+    deliver = worker._deliver
+
+    def held(entries: list[t.Any], last: str) -> None:
+        reading.set()
+        release.wait(10)
+        deliver(entries, last)
+
+    monkeypatch.setattr(worker, "_deliver", held)
+    seen_elsewhere = other.publish("a", Event("one"))
+    assert reading.wait(10)
+    # The client got "one" from another worker and comes here with its id,
+    # while this worker's reader still holds "one" back.
+    second = subscribed(worker, "a", last=seen_elsewhere)
+    release.set()
+    other.publish("a", Event("two"))
+    assert [e.data for e in received(first, 2)] == ["one", "two"]
+    assert [e.data for e in received(second, 1)] == ["two"]

@@ -120,6 +120,8 @@ class Subscription(StreamSource):
         self.last_event_id = last_event_id
         #: True if the client fell ``queue_size`` events behind.
         self.overflowed = False
+        # Live events up to this order were seen by the client already.
+        self._skip: tuple[int, int] | None = None
         self._queue_size = queue_size
         self._on_close = on_close
         self._backlog: list[Message] = []
@@ -139,6 +141,10 @@ class Subscription(StreamSource):
         Called by the broker; never blocks.
         """
         assert self._mailbox is not None
+        if self._skip is not None:
+            if message.order <= self._skip:
+                return True
+            self._skip = None
         if self._mailbox.offer(message):
             return True
         # Waiting would let one slow client hold up every publisher; the
@@ -146,6 +152,15 @@ class Subscription(StreamSource):
         self.overflowed = True
         self._mailbox.close()
         return False
+
+    def skip_through(self, order: tuple[int, int]) -> None:
+        """Drop live events up to ``order``: the client has them already.
+
+        For a broker whose live feed can lag behind ids that clients hold,
+        such as a worker whose reader has not reached an id that another
+        worker delivered.
+        """
+        self._skip = order
 
     def take(self, timeout: float | None) -> list[bytes]:
         assert self._mailbox is not None

@@ -159,6 +159,10 @@ class RedisBroker(Broker):
             raise self._unreachable("publish", e) from e
 
     def attach(self, subscription: Subscription) -> list[Message]:
+        last = subscription.last_event_id
+        after = None if last is None else parse_id(last)
+        # The newest id Redis has issued, fetched when it is needed: to start
+        # the reader, or to learn whether a client is ahead of the reader.
         newest: str | None = None
         while True:
             with self._lock:
@@ -166,10 +170,26 @@ class RedisBroker(Broker):
                 if self._cursor is None and newest is not None:
                     self._cursor = newest
                     current_backend().spawn(self._read)
-                if self._cursor is not None:
+                cursor = self._cursor
+                ahead = (
+                    after is not None
+                    and cursor is not None
+                    and after > parse_id(cursor)
+                )
+                if cursor is not None and (not ahead or newest is not None):
+                    # The client saw, on another worker, events this reader
+                    # has yet to read: they must not come twice. (An id Redis
+                    # never issued gets a reset instead.)
+                    if (
+                        ahead
+                        and after is not None
+                        and newest is not None
+                        and after <= parse_id(newest)
+                    ):
+                        subscription.skip_through(after)
                     # Live delivery starts after the reader's position, and
                     # replay ends at it: one hand-over point, no gap.
-                    bound = self._cursor
+                    bound = cursor
                     self._add(subscription)
                     break
             try:
