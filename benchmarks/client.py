@@ -480,15 +480,23 @@ async def idle(target: Target, args: argparse.Namespace, points: Checkpoints) ->
     }
 
 
-async def fanout(
+async def subscribe(
     target: Target, args: argparse.Namespace, points: Checkpoints
-) -> Result:
+) -> tuple[Deliveries, list[Stream], Result]:
+    """Open the subscribers of ``args.channel`` and let them settle."""
     deliveries = Deliveries()
     streams, connect = await open_streams(
         target, f"/events?channel={args.channel}", args.subscribers, deliveries.receive
     )
     await points.reach("connected", connected=len(streams))
     await asyncio.sleep(args.settle)
+    return deliveries, streams, connect
+
+
+async def fanout(
+    target: Target, args: argparse.Namespace, points: Checkpoints
+) -> Result:
+    deliveries, streams, connect = await subscribe(target, args, points)
     publisher = Publisher(target)
     accepted = 0
     errors: collections.Counter[str] = collections.Counter()
@@ -528,12 +536,7 @@ async def fanout(
 async def publish(
     target: Target, args: argparse.Namespace, points: Checkpoints
 ) -> Result:
-    deliveries = Deliveries()
-    streams, connect = await open_streams(
-        target, f"/events?channel={args.channel}", args.subscribers, deliveries.receive
-    )
-    await points.reach("connected", connected=len(streams))
-    await asyncio.sleep(args.settle)
+    deliveries, streams, connect = await subscribe(target, args, points)
     publishers = [Publisher(target) for _ in range(args.connections)]
     numbers = iter(range(args.events))
     errors: collections.Counter[str] = collections.Counter()
