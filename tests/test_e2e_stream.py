@@ -111,11 +111,10 @@ def test_head_sends_headers_only_and_never_starts_the_generator(
 
 
 def test_disconnect_closes_generator_within_two_seconds_under_gevent(
-    server: Server,
+    gevent_server: Server,
 ) -> None:
     """A client that leaves a silent stream ends it at once under gevent."""
-    if server.kind != "gevent":
-        return
+    server = gevent_server
     before = server.state()
     sock = open_stream(server.port, "/silent")
     read_until(sock, b": stream opened\n")
