@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import math
 import time
 import typing as t
 
@@ -34,6 +35,8 @@ if t.TYPE_CHECKING:
 
 #: How many encoded events a generator may get ahead of its client.
 PRODUCER_QUEUE_SIZE = 64
+#: Waits are rounded up to this fraction of a second; see ``_timeout``.
+TIMER_STEPS_PER_SECOND = 100
 #: How long closing a stream waits for its generator's ``finally`` to run.
 STOP_TIMEOUT_SECONDS = 5.0
 
@@ -221,7 +224,18 @@ class EventStreamBody:
         return data
 
     def _timeout(self) -> float | None:
-        deadlines = [d for d in (self._next_beat, self._ends_at) if d is not None]
-        if not deadlines:
+        if self._ends_at is None:
+            deadline = self._next_beat
+        elif self._next_beat is None:
+            deadline = self._ends_at
+        else:
+            deadline = min(self._next_beat, self._ends_at)
+        if deadline is None:
             return None
-        return max(0.0, min(deadlines) - time.monotonic())
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return 0.0
+        # Rounded up to whole hundredths, so that a stream waiting out the
+        # same keep-alive interval after each event asks for the same
+        # timeout and its timer is reused (see concurrency._Signal).
+        return math.ceil(remaining * TIMER_STEPS_PER_SECOND) / TIMER_STEPS_PER_SECOND

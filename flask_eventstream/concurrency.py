@@ -10,6 +10,7 @@ gevent hub; anywhere else they are threads.
 from __future__ import annotations
 
 import abc
+import functools
 import select
 import sys
 import threading
@@ -41,6 +42,7 @@ class Backend(t.Protocol):
     name: str
 
     def event(self) -> Waitable: ...
+    def lock(self) -> t.ContextManager[t.Any]: ...
     def spawn(self, fn: cabc.Callable[[], None]) -> Task: ...
     def poller(self) -> select.epoll: ...
     def wait_readable(self, fd: int, timeout: float) -> None: ...
@@ -68,6 +70,9 @@ class ThreadBackend:
     def event(self) -> Waitable:
         return threading.Event()
 
+    def lock(self) -> t.ContextManager[t.Any]:
+        return threading.Lock()
+
     def spawn(self, fn: cabc.Callable[[], None]) -> Task:
         return _Thread(fn)
 
@@ -85,12 +90,18 @@ class GeventBackend:
 
     def __init__(self) -> None:
         import gevent
-        import gevent.event
+        import gevent.hub
         import gevent.monkey
         import gevent.select
 
         self._gevent = gevent
-        self._event = gevent.event.Event
+        self._get_hub = gevent.get_hub
+        #: The OS thread's id, which patching hides behind the greenlet's.
+        self.thread_ident: cabc.Callable[[], int]
+        self.thread_ident = gevent.monkey.get_original("_thread", "get_ident")
+        #: What a :class:`_Signal` parks a waiting greenlet in.
+        self.waiter = gevent.hub.Waiter
+        self._allocate_lock = gevent.monkey.get_original("_thread", "allocate_lock")
         self._select = gevent.select.select
         # gevent removes epoll from a patched select module, because waiting
         # on it would block the hub; the watcher only polls it with a zero
@@ -98,7 +109,15 @@ class GeventBackend:
         self._epoll: type[select.epoll] = gevent.monkey.get_original("select", "epoll")
 
     def event(self) -> Waitable:
-        return t.cast(Waitable, self._event())
+        return _Signal(self, self._get_hub())
+
+    def lock(self) -> t.ContextManager[t.Any]:
+        # The OS lock that gevent's patching replaced. The sections it guards
+        # never wait, so no greenlet can switch out while holding it, and it
+        # still keeps a publisher in a real thread (a thread pool, say) safe.
+        # It costs a fraction of gevent's greenlet-aware lock, and mailboxes
+        # take it on every event.
+        return t.cast(t.ContextManager[t.Any], self._allocate_lock())
 
     def spawn(self, fn: cabc.Callable[[], None]) -> Task:
         return _Greenlet(self._gevent.spawn(fn))
@@ -108,6 +127,95 @@ class GeventBackend:
 
     def wait_readable(self, fd: int, timeout: float) -> None:
         self._select([fd], [], [], timeout)
+
+
+class _Signal:
+    """An event for one greenlet at a time, woken by a bare hub callback.
+
+    :class:`gevent.event.Event` makes a :class:`gevent.Timeout` for every
+    timed wait and runs its generic link machinery on every ``set``. A
+    stream waits once per event it sends, so with a thousand subscribers
+    that was most of a fan-out's cost, and the objects each wait left alive
+    until the next event kept the cyclic garbage collector busy. A signal
+    keeps one :class:`gevent.hub.Waiter` and reuses its timer while the
+    timeout stays the same, as a stream's keep-alive interval does. ``set``
+    may be called from another OS thread.
+    """
+
+    __slots__ = (
+        "_after",
+        "_backend",
+        "_expire",
+        "_flag",
+        "_hub",
+        "_scheduled",
+        "_timer",
+        "_waiter",
+        "_wake",
+    )
+
+    def __init__(self, backend: GeventBackend, hub: t.Any) -> None:
+        self._flag = False
+        self._backend = backend
+        self._hub = hub
+        # The waiter, its two callbacks and the timer are made on the first
+        # wait and kept: made per wait, they lived until the next event and
+        # were promoted to the oldest generation, where a thousand per event
+        # made the worker's full garbage collections frequent.
+        self._waiter: t.Any = None
+        self._wake: cabc.Callable[[], None] | None = None
+        self._expire: cabc.Callable[[], None] | None = None
+        self._timer: t.Any = None
+        self._after = 0.0
+        self._scheduled = False
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def clear(self) -> None:
+        self._flag = False
+
+    def set(self) -> None:
+        self._flag = True
+        if self._scheduled or self._waiter is None or self._waiter.greenlet is None:
+            return
+        self._scheduled = True
+        if self._backend.thread_ident() == self._hub.thread_ident:
+            self._hub.loop.run_callback(self._wake)
+        else:
+            self._hub.loop.run_callback_threadsafe(self._wake)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._flag:
+            return True
+        if timeout is not None and timeout <= 0:
+            return False
+        waiter = self._waiter
+        if waiter is None:
+            waiter = self._waiter = self._backend.waiter(self._hub)
+            self._wake = functools.partial(waiter.switch, True)
+            self._expire = functools.partial(waiter.switch, False)
+        timer = None
+        if timeout is not None:
+            timer = self._timer
+            if timer is None or self._after != timeout:
+                if timer is not None:
+                    timer.close()
+                # Repeating, because again() re-arms a stopped timer from its
+                # interval; a plain start() would resume the time left.
+                timer = self._timer = self._hub.loop.timer(timeout, timeout)
+                self._after = timeout
+            timer.again(self._expire)
+        try:
+            # Raises ConcurrentObjectUseError if another greenlet waits. A
+            # wake-up scheduled for an earlier wait that timed out may still
+            # arrive; waiters treat a wait that returns True as a hint.
+            return bool(waiter.get())
+        finally:
+            if timer is not None:
+                timer.stop()
+            waiter.clear()
+            self._scheduled = False
 
 
 class _Greenlet:
@@ -191,7 +299,7 @@ class Mailbox(t.Generic[_T]):
         # A list, not a deque: items only ever leave all at once, and an
         # empty list is a tenth of an empty deque, per subscriber.
         self._items: list[_T] = []
-        self._lock = threading.Lock()
+        self._lock = backend.lock()
         self._new_event = backend.event
         self._ready = backend.event()
         # Made on the first put that has to wait; subscribers never do.
@@ -234,7 +342,10 @@ class Mailbox(t.Generic[_T]):
         if not self._ready.wait(timeout):
             return []
         with self._lock:
-            items, self._items = self._items, []
+            # A copy, so that the mailbox keeps one list for its lifetime:
+            # a new one per take would outlive the next garbage collection.
+            items = self._items.copy()
+            self._items.clear()
             if not self.closed:
                 self._ready.clear()
             if self._space is not None:

@@ -168,7 +168,10 @@ class Subscription(StreamSource):
             batch = self._backlog[-BACKLOG_BATCH:]
             del self._backlog[-BACKLOG_BATCH:]
             return [m.data for m in reversed(batch)]
-        return [m.data for m in self._mailbox.take(timeout)]
+        # Waited for first: a comprehension around the call would hold its
+        # function object alive through the wait.
+        messages = self._mailbox.take(timeout)
+        return [m.data for m in messages]
 
     @property
     def drained(self) -> bool:
