@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import typing as t
 
@@ -40,6 +41,7 @@ DEFAULTS: dict[str, t.Any] = {
     "EVENTSTREAM_QUEUE_SIZE": 1000,
     "EVENTSTREAM_MAX_CHANNELS": 32,
     "EVENTSTREAM_MAX_CONNECTIONS": None,
+    "EVENTSTREAM_MAX_CONNECTIONS_PER_CLIENT": None,
     "EVENTSTREAM_RETRY": None,
     "EVENTSTREAM_MAX_AGE": None,
     "EVENTSTREAM_KEEPALIVE": 15.0,
@@ -47,6 +49,9 @@ DEFAULTS: dict[str, t.Any] = {
 }
 #: What a client over ``EVENTSTREAM_MAX_CONNECTIONS`` is told to wait.
 RETRY_AFTER_SECONDS = 5
+
+#: Why :meth:`EventStreamState.reserve` refused a stream.
+Refusal = t.Literal["process", "client"]
 
 
 class EventStreamState:
@@ -61,6 +66,9 @@ class EventStreamState:
         self.max_channels = _count(config, "EVENTSTREAM_MAX_CHANNELS")
         self.max_connections = _count(
             config, "EVENTSTREAM_MAX_CONNECTIONS", optional=True
+        )
+        self.max_per_client = _count(
+            config, "EVENTSTREAM_MAX_CONNECTIONS_PER_CLIENT", optional=True
         )
         try:
             self.options = StreamOptions.create(
@@ -78,23 +86,42 @@ class EventStreamState:
         )
         #: Streams open now in this process.
         self.streams = 0
+        #: Streams open now per client key, for clients that have any.
+        self.clients: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def reserve(self) -> bool:
-        """Count one more open stream, unless the limit is reached."""
+    def reserve(self, client: str | None = None) -> Refusal | None:
+        """Count one more open stream for ``client``, unless a limit is reached.
+
+        :param client: the client's key, counted against
+            ``EVENTSTREAM_MAX_CONNECTIONS_PER_CLIENT``; None counts against
+            the process's limit only.
+        :return: None when counted, else which limit refused it.
+        """
         with self._lock:
             if (
                 self.max_connections is not None
                 and self.streams >= self.max_connections
             ):
-                return False
+                return "process"
+            if client is not None:
+                count = self.clients.get(client, 0)
+                if self.max_per_client is not None and count >= self.max_per_client:
+                    return "client"
+                self.clients[client] = count + 1
             self.streams += 1
-            return True
+            return None
 
-    def release(self) -> None:
-        """Count one stream fewer."""
+    def release(self, client: str | None = None) -> None:
+        """Count one stream fewer, for ``client`` as it was reserved."""
         with self._lock:
             self.streams -= 1
+            if client is not None:
+                count = self.clients.pop(client) - 1
+                # Keys with no stream are dropped, so the table holds only
+                # the clients connected now, however many came and went.
+                if count:
+                    self.clients[client] = count
 
 
 class EventStream(Blueprint):
@@ -128,6 +155,7 @@ class EventStream(Blueprint):
         for command in eventstream_commands.commands.values():
             self.cli.add_command(command)
         self._authorize: cabc.Callable[[str], bool] | None = None
+        self._client_key: cabc.Callable[[], str | None] = _remote_addr
         self.after_app_request(_close_unused)
         self.teardown_app_request(_close_on_error)
         # The subscribe endpoint is the prefix itself: /events?channel=a.
@@ -157,6 +185,28 @@ class EventStream(Blueprint):
                 return channel == "public" or channel == f"user.{current_user.id}"
         """
         self._authorize = fn
+        return fn
+
+    def client_key(
+        self, fn: cabc.Callable[[], str | None]
+    ) -> cabc.Callable[[], str | None]:
+        """Register ``fn() -> str | None``, the key that streams are limited by.
+
+        :data:`EVENTSTREAM_MAX_CONNECTIONS_PER_CLIENT` caps the streams open
+        at once in this process for each key. ``fn`` is called in the request
+        context of each new stream; by default the key is the client's IP
+        address, ``request.remote_addr``. A key of None is not limited.
+
+        .. code-block:: python
+
+            @sse.client_key
+            def stream_owner():
+                # One budget per signed-in user, wherever they connect from.
+                if current_user.is_authenticated:
+                    return f"user:{current_user.id}"
+                return request.remote_addr
+        """
+        self._client_key = fn
         return fn
 
     def publish(
@@ -215,10 +265,21 @@ class EventStream(Blueprint):
             last_event_id = _request_last_event_id()
         elif last_event_id:
             parse_id(last_event_id)
-        if not state.reserve():
+        client = None
+        if state.max_per_client is not None and has_request_context():
+            client = self._client_key()
+        refused = state.reserve(client)
+        if refused == "process":
             _refuse(
                 503,
                 "Too many open streams; try again shortly.",
+                {"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+        if refused == "client":
+            _refuse(
+                429,
+                f"Too many open streams from this client (at most"
+                f" {state.max_per_client}); close one or try again shortly.",
                 {"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
         try:
@@ -226,10 +287,10 @@ class EventStream(Blueprint):
                 names,
                 last_event_id or None,
                 queue_size=state.queue_size,
-                on_close=state.release,
+                on_close=functools.partial(state.release, client),
             )
         except BrokerError as e:
-            state.release()
+            state.release(client)
             if not has_request_context():
                 raise
             current_app.logger.warning("Refused a subscription: %s", e)
@@ -285,6 +346,10 @@ def _close_unused(response: Response) -> Response:
 def _close_on_error(exc: BaseException | None) -> None:
     for sub in g.pop(_PENDING, ()):
         sub.close()
+
+
+def _remote_addr() -> str | None:
+    return request.remote_addr
 
 
 def _state() -> EventStreamState:

@@ -12,6 +12,7 @@ import typing as t
 import pytest
 from flask import abort
 from flask import Flask
+from flask import request
 
 from flask_eventstream import EventStream
 from flask_eventstream import stream_events
@@ -68,6 +69,7 @@ def test_subscribe_endpoint_is_the_prefix(app: Flask, sse: EventStream) -> None:
         ("EVENTSTREAM_QUEUE_SIZE", "10"),
         ("EVENTSTREAM_MAX_CHANNELS", True),
         ("EVENTSTREAM_MAX_CONNECTIONS", -1),
+        ("EVENTSTREAM_MAX_CONNECTIONS_PER_CLIENT", 1.5),
         ("EVENTSTREAM_RETRY", -5),
         ("EVENTSTREAM_MAX_AGE", "soon"),
         ("EVENTSTREAM_BROKER_URL", "mqtt://host"),
@@ -188,6 +190,73 @@ def test_max_connections_gives_503_with_retry_after_and_recovers(
         first.close()
         with subscribed(client, "/events"):
             assert state(app).streams == 2
+    assert state(app).streams == 0
+
+
+def from_ip(address: str) -> dict[str, t.Any]:
+    return {"environ_base": {"REMOTE_ADDR": address}}
+
+
+def test_max_connections_per_client_gives_429_by_ip_and_recovers(
+    app: Flask, client: FlaskClient
+) -> None:
+    """Each IP address has its own budget; a closed stream gives one back."""
+    app.config["EVENTSTREAM_MAX_CONNECTIONS_PER_CLIENT"] = 2
+    app.register_blueprint(EventStream(), url_prefix="/events")
+    first = subscribed(client, "/events", **from_ip("192.0.2.1"))
+    with subscribed(client, "/events", **from_ip("192.0.2.1")):
+        rv = client.get("/events", **from_ip("192.0.2.1"))
+        assert rv.status_code == 429
+        assert rv.headers["Retry-After"] == "5"
+        assert rv.mimetype == "text/plain"
+        assert b"at most 2" in rv.data
+        # Another address is not affected by the first one's streams.
+        with subscribed(client, "/events", **from_ip("192.0.2.2")):
+            assert state(app).clients == {"192.0.2.1": 2, "192.0.2.2": 1}
+        first.close()
+        with subscribed(client, "/events", **from_ip("192.0.2.1")):
+            assert state(app).streams == 2
+    # Nothing is kept for clients that have no stream open.
+    assert state(app).clients == {}
+    assert state(app).streams == 0
+
+
+def test_client_key_hook_chooses_what_is_limited(
+    app: Flask, client: FlaskClient
+) -> None:
+    """A registered key replaces the IP address; a key of None is not limited."""
+    app.config["EVENTSTREAM_MAX_CONNECTIONS_PER_CLIENT"] = 1
+    sse = EventStream()
+
+    @sse.client_key
+    def by_token() -> str | None:
+        return request.args.get("token")
+
+    app.register_blueprint(sse, url_prefix="/events")
+    with subscribed(client, "/events?token=a"):
+        assert client.get("/events?token=a").status_code == 429
+        with (
+            subscribed(client, "/events?token=b"),
+            subscribed(client, "/events"),
+            subscribed(client, "/events"),
+        ):
+            assert state(app).clients == {"a": 1, "b": 1}
+            assert state(app).streams == 4
+    assert state(app).clients == {}
+
+
+def test_per_client_refusal_holds_no_process_slot(
+    app: Flask, client: FlaskClient
+) -> None:
+    """A stream refused for its client is not counted against the process."""
+    app.config["EVENTSTREAM_MAX_CONNECTIONS"] = 2
+    app.config["EVENTSTREAM_MAX_CONNECTIONS_PER_CLIENT"] = 1
+    app.register_blueprint(EventStream(), url_prefix="/events")
+    with subscribed(client, "/events", **from_ip("192.0.2.1")):
+        for _ in range(3):
+            assert client.get("/events", **from_ip("192.0.2.1")).status_code == 429
+        with subscribed(client, "/events", **from_ip("192.0.2.2")):
+            assert client.get("/events", **from_ip("192.0.2.3")).status_code == 503
     assert state(app).streams == 0
 
 
