@@ -177,13 +177,16 @@ class _Signal:
 
     def set(self) -> None:
         self._flag = True
+        if self._backend.thread_ident() != self._hub.thread_ident:
+            # Another thread could look while a greenlet is between seeing
+            # the flag down and parking, and miss it; in the hub's thread
+            # those two steps never interleave with this check.
+            self._hub.loop.run_callback_threadsafe(self.set)
+            return
         if self._scheduled or self._waiter is None or self._waiter.greenlet is None:
             return
         self._scheduled = True
-        if self._backend.thread_ident() == self._hub.thread_ident:
-            self._hub.loop.run_callback(self._wake)
-        else:
-            self._hub.loop.run_callback_threadsafe(self._wake)
+        self._hub.loop.run_callback(self._wake)
 
     def wait(self, timeout: float | None = None) -> bool:
         if self._flag:

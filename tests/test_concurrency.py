@@ -211,3 +211,36 @@ def test_gevent_waits_leave_no_objects_behind_per_event(
             box.close()
         gevent.joinall(consumers, timeout=5)
     assert left < len(boxes) // 4
+
+
+def test_gevent_mailbox_fed_from_an_os_thread_never_misses_a_wake_up(
+    gevent_backend: GeventBackend,
+) -> None:
+    """Items offered one at a time from a real thread all reach a greenlet.
+
+    The greenlet waits with no timeout, so any lost wake-up hangs it until
+    the guard fails the test.
+    """
+    import queue
+
+    import gevent
+
+    box: Mailbox[int] = Mailbox(gevent_backend, 10)
+    acks: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def feed() -> None:
+        for n in range(2000):
+            box.offer(n)
+            acks.get(timeout=10)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    received: list[int] = []
+    with gevent.Timeout(30):
+        while len(received) < 2000:
+            items = box.take(None)
+            received += items
+            for item in items:
+                acks.put(item)
+    feeder.join(10)
+    assert received == list(range(2000))
