@@ -28,6 +28,7 @@ if t.TYPE_CHECKING:
     import collections.abc as cabc
 
     from flask.sansio.app import App
+    from werkzeug.datastructures import MultiDict
 
     from .brokers.base import Broker
     from .brokers.base import Subscription
@@ -49,6 +50,12 @@ DEFAULTS: dict[str, t.Any] = {
 }
 #: What a client over ``EVENTSTREAM_MAX_CONNECTIONS`` is told to wait.
 RETRY_AFTER_SECONDS = 5
+
+# Methods the endpoint answers itself, so that those a client may try get a
+# plain 405 rather than the app's HTML error page, and OPTIONS lists only
+# what is allowed.
+_ROUTED_METHODS = ["GET", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"]
+_ALLOW = {"Allow": "GET, HEAD, OPTIONS"}
 
 #: Why :meth:`EventStreamState.reserve` refused a stream.
 Refusal = t.Literal["process", "client"]
@@ -161,7 +168,11 @@ class EventStream(Blueprint):
         # The subscribe endpoint is the prefix itself: /events?channel=a.
         self.record(
             lambda s: s.add_url_rule(
-                "" if s.url_prefix else "/", "subscribe", self._subscribe
+                "" if s.url_prefix else "/",
+                "subscribe",
+                self._subscribe,
+                methods=_ROUTED_METHODS,
+                provide_automatic_options=False,
             )
         )
 
@@ -304,8 +315,16 @@ class EventStream(Blueprint):
         return sub
 
     def _subscribe(self) -> Response:
+        if request.method == "OPTIONS":
+            return Response(status=204, headers=_ALLOW)
+        if request.method not in ("GET", "HEAD"):
+            _refuse(
+                405,
+                f"Subscribe with GET; {request.method} is not allowed here.",
+                _ALLOW,
+            )
         state = _state()
-        names = list(dict.fromkeys(request.args.getlist("channel"))) or ["sse"]
+        names = list(dict.fromkeys(_args().getlist("channel"))) or ["sse"]
         if len(names) > state.max_channels:
             _refuse(
                 400,
@@ -362,6 +381,15 @@ def _state() -> EventStreamState:
         ) from None
 
 
+def _args() -> MultiDict[str, str]:
+    # Werkzeug decodes the query string on first use and raises on bytes
+    # that are not UTF-8, which only a hand-made request sends unescaped.
+    try:
+        return request.args
+    except UnicodeDecodeError:
+        _refuse(400, "The query string is not valid UTF-8; percent-encode it.")
+
+
 def _request_last_event_id() -> str | None:
     raw = request.headers.get("Last-Event-ID")
     if raw is not None:
@@ -371,7 +399,7 @@ def _request_last_event_id() -> str | None:
         except UnicodeError:
             _refuse(400, "The Last-Event-ID header is not valid UTF-8.")
     else:
-        raw = request.args.get("lastEventId")
+        raw = _args().get("lastEventId")
     if not raw:
         return None
     try:
