@@ -45,6 +45,14 @@ def _greenlets() -> int:
     return sum(isinstance(o, greenlet) for o in gc.get_objects())
 
 
+def _rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
 def create_app() -> Flask:
     """Create the demo app with the test routes added."""
     app = create_demo()
@@ -107,6 +115,9 @@ def create_app() -> Flask:
             "watched": len(watcher_for(backend)),
             "greenlets": _greenlets(),
             "threads": threading.active_count(),
+            "streams": app.extensions["eventstream"].streams,
+            "fds": len(os.listdir("/proc/self/fd")),
+            "rss_kib": _rss_kib(),
         }
 
     return app
