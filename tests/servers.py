@@ -248,7 +248,10 @@ class EventClient:
                     f"Expected {count} events, got {len(self.events)}:"
                     f" {self.events[-3:]!r}"
                 )
-            assert self.connection.sock is not None
+            if self.connection.sock is None:
+                # http.client let go of the socket: the response is complete.
+                self.ended = True
+                break
             self.connection.sock.settimeout(remaining)
             try:
                 chunk = self.response.read1(65536)
