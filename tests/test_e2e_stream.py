@@ -131,6 +131,13 @@ def test_disconnect_closes_generator_within_keepalive_under_threads(
     server: Server,
 ) -> None:
     """Under threads the generator ends by its next yield after a disconnect."""
+    # A stream of an earlier test may still be ending, and would be counted
+    # as this one's.
+    wait_for(
+        lambda: (s := server.state())["started"] == s["finished"],
+        5,
+        "the earlier tests' generators ended",
+    )
     before = server.state()
     sock = open_stream(server.port, "/polling")
     read_until(sock, b": stream opened\n")
