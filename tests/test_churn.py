@@ -117,6 +117,7 @@ def test_churn_leaves_nothing_behind() -> None:
 
 
 @pytest.mark.long
+@pytest.mark.timeout(600)
 def test_churn_leaves_nothing_behind_long() -> None:
     """The same for 200,000 cycles."""
     churn(200_000)

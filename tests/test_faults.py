@@ -252,6 +252,7 @@ def test_fault_loses_and_repeats_no_accepted_event(fault: str) -> None:
 
 
 @pytest.mark.long
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("fault", ["redis", "kill", "term"])
 def test_fault_loses_and_repeats_no_accepted_event_long(fault: str) -> None:
     """The same, three faults in a row, with 40 clients."""

@@ -193,7 +193,7 @@ def run_harness(name: str, runs: int) -> str:
         [sys.executable, str(FUZZ / f"{name}.py"), f"-runs={runs}", "-seed=1"],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1100,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
@@ -208,6 +208,7 @@ def test_fuzz_harness(name: str) -> None:
 
 
 @pytest.mark.long
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("name", ["parser", "encoder", "endpoint"])
 def test_fuzz_harness_long(name: str) -> None:
     """The same, for a million runs each."""
