@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import http.client
 import importlib.metadata
 import os
 import pathlib
@@ -216,7 +215,12 @@ def wait_for(
 
 
 class EventClient:
-    """A plain HTTP client that reads one event stream, de-chunked.
+    """A plain HTTP/1.1 client that reads one event stream, de-chunked.
+
+    It keeps its own buffer and takes a chunk from it only once the whole
+    chunk has arrived, so a read that times out loses nothing and the stream
+    can be read on afterwards. (http.client cannot do that: a socket timeout
+    makes its response unreadable, or leaves its chunk parser mid-frame.)
 
     :param port: the server's port on 127.0.0.1.
     :param path: the stream's path.
@@ -224,45 +228,111 @@ class EventClient:
     """
 
     def __init__(self, port: int, path: str, last_event_id: str | None = None) -> None:
-        headers = {"Accept": "text/event-stream"}
+        lines = [
+            f"GET {path} HTTP/1.1",
+            f"Host: 127.0.0.1:{port}",
+            "Accept: text/event-stream",
+        ]
         if last_event_id is not None:
-            headers["Last-Event-ID"] = last_event_id
-        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        self.connection.request("GET", path, headers=headers)
-        self.response = self.connection.getresponse()
-        self.status = self.response.status
+            lines.append(f"Last-Event-ID: {last_event_id}")
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self._buffer = bytearray()
         self.parser = EventParser()
         self.events: list[Event] = []
-        self.ended = self.status != 200
-        if not self.ended:
-            # The opening comment: the subscription exists from here on.
-            self.response.read1(65536)
+        self.ended = False
+        try:
+            self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            deadline = time.monotonic() + 10
+            while b"\r\n\r\n" not in self._buffer:
+                self._fill(deadline)
+            head, _, rest = bytes(self._buffer).partition(b"\r\n\r\n")
+            self._buffer[:] = rest
+            status_line, *fields = head.decode("latin-1").split("\r\n")
+            self.status = int(status_line.split()[1])
+            #: Response headers, by lower-case name.
+            self.headers = {
+                name.strip().lower(): value.strip()
+                for name, _, value in (f.partition(":") for f in fields)
+            }
+            self._chunked = self.headers.get("transfer-encoding") == "chunked"
+            #: The whole body of a response other than 200.
+            self.body = b""
+            if self.status != 200:
+                self.body = self._whole_body(deadline)
+                self.ended = True
+            else:
+                # The opening comment: the subscription exists from here on.
+                while not self.events and not self._take_chunks() and not self.ended:
+                    self._fill(deadline)
+        except BaseException:
+            self.sock.close()
+            raise
 
     def read(self, count: int, timeout: float = 10.0) -> list[Event]:
         """Read until ``count`` events have come in all, or the stream ends."""
         deadline = time.monotonic() + timeout
         while len(self.events) < count and not self.ended:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if self._take_chunks():
+                continue
+            try:
+                self._fill(deadline)
+            except TimeoutError:
                 raise TimeoutError(
                     f"Expected {count} events, got {len(self.events)}:"
                     f" {self.events[-3:]!r}"
-                )
-            if self.connection.sock is None:
-                # http.client let go of the socket: the response is complete.
+                ) from None
+            except (EOFError, ConnectionError):
                 self.ended = True
-                break
-            self.connection.sock.settimeout(remaining)
-            try:
-                chunk = self.response.read1(65536)
-            except TimeoutError:
-                continue
-            except (http.client.IncompleteRead, ConnectionError):
-                chunk = b""
-            if not chunk:
-                self.ended = True
-            self.events.extend(self.parser.feed(chunk))
         return self.events
 
     def close(self) -> None:
-        self.connection.close()
+        self.sock.close()
+
+    def _fill(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("Nothing more arrived in time.")
+        self.sock.settimeout(remaining)
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("The server closed the connection.")
+        self._buffer += data
+
+    def _take_chunks(self, sink: t.Callable[[bytes], t.Any] | None = None) -> bool:
+        """Take every complete chunk in the buffer; True if there was one.
+
+        Each chunk's data goes to ``sink``, by default the event parser.
+        """
+        took = False
+        while not self.ended:
+            size_end = self._buffer.find(b"\r\n")
+            if size_end < 0:
+                break
+            size = int(bytes(self._buffer[:size_end]).split(b";")[0], 16)
+            end = size_end + 2 + size + 2
+            if len(self._buffer) < end:
+                break
+            data = bytes(self._buffer[size_end + 2 : end - 2])
+            del self._buffer[:end]
+            took = True
+            if size == 0:
+                self.ended = True
+            if sink is None:
+                self.events.extend(self.parser.feed(data))
+            else:
+                sink(data)
+        return took
+
+    def _whole_body(self, deadline: float) -> bytes:
+        if self._chunked:
+            parts: list[bytes] = []
+            while not self.ended:
+                while self._take_chunks(parts.append):
+                    pass
+                if not self.ended:
+                    self._fill(deadline)
+            return b"".join(parts)
+        length = int(self.headers.get("content-length", "0"))
+        while len(self._buffer) < length:
+            self._fill(deadline)
+        return bytes(self._buffer[:length])
