@@ -70,7 +70,7 @@ class Client(threading.Thread):
                     continue
                 self.connections += 1
                 while not client.ended and not self.stop.is_set():
-                    with contextlib.suppress(TimeoutError, OSError):
+                    with contextlib.suppress(TimeoutError):
                         client.read(len(client.events) + 1, timeout=0.5)
                     for event in client.events:
                         if event.event == "eventstream.reset":
@@ -199,11 +199,22 @@ def run_faults(fault: str, clients_count: int, rounds: int) -> None:
             accepted, refused = publisher.accepted, publisher.refused
             try:
                 for client in clients:
-                    wait_for(
-                        lambda c=client: len(c.data) >= len(accepted),  # type: ignore[misc]
-                        30,
-                        "every accepted event delivered",
-                    )
+                    try:
+                        wait_for(
+                            lambda c=client: len(c.data) >= len(accepted),  # type: ignore[misc]
+                            30,
+                            "every accepted event delivered",
+                        )
+                    except AssertionError:
+                        missing = [d for d in accepted if d not in set(client.data)]
+                        raise AssertionError(
+                            f"A client got {len(client.data)} of {len(accepted)}"
+                            f" accepted events over {client.connections}"
+                            f" connections; missing {missing[:5]}..{missing[-3:]}"
+                            f" ({len(missing)}); per client"
+                            f" {[len(c.data) for c in clients]}; refused"
+                            f" {refused[:3]}; server output:\n{server.output()}"
+                        ) from None
                 recovered = time.monotonic() - started
                 # Nothing happens now: a worker that spins shows it here.
                 pids = workers(server)
