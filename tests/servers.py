@@ -171,18 +171,28 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def open_stream(
-    port: int, path: str, *, rcvbuf: int | None = None, method: str = "GET"
+    port: int,
+    path: str,
+    *,
+    rcvbuf: int | None = None,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
 ) -> socket.socket:
     """Send a request on a raw socket and return the socket unread."""
     sock = socket.socket()
-    if rcvbuf is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(
-        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        "Accept: text/event-stream\r\n\r\n".encode()
-    )
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    try:
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(
+            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Accept: text/event-stream\r\n{extra}\r\n".encode()
+        )
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -228,25 +238,16 @@ class EventClient:
     """
 
     def __init__(self, port: int, path: str, last_event_id: str | None = None) -> None:
-        lines = [
-            f"GET {path} HTTP/1.1",
-            f"Host: 127.0.0.1:{port}",
-            "Accept: text/event-stream",
-        ]
-        if last_event_id is not None:
-            lines.append(f"Last-Event-ID: {last_event_id}")
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self._buffer = bytearray()
+        headers = {} if last_event_id is None else {"Last-Event-ID": last_event_id}
+        self.sock = open_stream(port, path, headers=headers)
         self.parser = EventParser()
         self.events: list[Event] = []
         self.ended = False
         try:
-            self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
             deadline = time.monotonic() + 10
-            while b"\r\n\r\n" not in self._buffer:
-                self._fill(deadline)
-            head, _, rest = bytes(self._buffer).partition(b"\r\n\r\n")
-            self._buffer[:] = rest
+            received = read_until(self.sock, b"\r\n\r\n")
+            head, _, rest = received.partition(b"\r\n\r\n")
+            self._buffer = bytearray(rest)
             status_line, *fields = head.decode("latin-1").split("\r\n")
             self.status = int(status_line.split()[1])
             #: Response headers, by lower-case name.
@@ -254,7 +255,6 @@ class EventClient:
                 name.strip().lower(): value.strip()
                 for name, _, value in (f.partition(":") for f in fields)
             }
-            self._chunked = self.headers.get("transfer-encoding") == "chunked"
             #: The whole body of a response other than 200.
             self.body = b""
             if self.status != 200:
@@ -262,7 +262,7 @@ class EventClient:
                 self.ended = True
             else:
                 # The opening comment: the subscription exists from here on.
-                while not self.events and not self._take_chunks() and not self.ended:
+                while not self._take_chunks() and not self.ended:
                     self._fill(deadline)
         except BaseException:
             self.sock.close()
@@ -324,14 +324,13 @@ class EventClient:
         return took
 
     def _whole_body(self, deadline: float) -> bytes:
-        if self._chunked:
+        if self.headers.get("transfer-encoding") == "chunked":
             parts: list[bytes] = []
-            while not self.ended:
-                while self._take_chunks(parts.append):
-                    pass
-                if not self.ended:
-                    self._fill(deadline)
-            return b"".join(parts)
+            while True:
+                self._take_chunks(parts.append)
+                if self.ended:
+                    return b"".join(parts)
+                self._fill(deadline)
         length = int(self.headers.get("content-length", "0"))
         while len(self._buffer) < length:
             self._fill(deadline)

@@ -206,7 +206,8 @@ def run_faults(fault: str, clients_count: int, rounds: int) -> None:
                             "every accepted event delivered",
                         )
                     except AssertionError:
-                        missing = [d for d in accepted if d not in set(client.data)]
+                        got = set(client.data)
+                        missing = [d for d in accepted if d not in got]
                         raise AssertionError(
                             f"A client got {len(client.data)} of {len(accepted)}"
                             f" accepted events over {client.connections}"
