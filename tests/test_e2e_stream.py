@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -27,6 +28,9 @@ KINDS = ["gevent", "gthread", "werkzeug"]
 # The test app's writes stall for good once a client stops reading; a short
 # send timeout lets the tests see the stream dropped.
 ENV = {"SEND_TIMEOUT": "1"}
+# A send timeout that a slow reader's whole event would overrun many times,
+# and the library's log lines in the server's output.
+SLOW_ENV = {"SEND_TIMEOUT": "2", "LOG_LEVEL": "INFO"}
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -38,6 +42,12 @@ def server(request: pytest.FixtureRequest) -> t.Iterator[Server]:
 @pytest.fixture
 def gevent_server() -> t.Iterator[Server]:
     with serve("gevent", env=ENV) as running:
+        yield running
+
+
+@pytest.fixture
+def slow_gevent_server() -> t.Iterator[Server]:
+    with serve("gevent", env=SLOW_ENV) as running:
         yield running
 
 
@@ -168,6 +178,65 @@ def test_client_that_never_reads_is_dropped_after_send_timeout(
     assert server.state()["watched"] == 0
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_hangup_ends_stream_when_the_server_holds_over_1024_descriptors(
+    kind: str,
+) -> None:
+    """A busy server's watcher still sees a client leave, whatever its fd."""
+    with serve(kind, env={"HOLD_FDS": "1100"}) as server:
+        before = server.state()
+        sock = open_stream(server.port, "/idle")
+        try:
+            read_until(sock, b": stream opened\n")
+            wait_for(
+                lambda: server.state()["started"] == before["started"] + 1, 5, "start"
+            )
+            # The watcher's epoll was made after the app filled the low fds.
+            assert max(_epoll_fds(before["pid"])) >= 1024
+        finally:
+            sock.close()
+        wait_for(
+            lambda: server.state()["finished"] == before["finished"] + 1,
+            3.0,
+            "the idle generator's finally ran (keep_alive is 15 s)",
+        )
+
+
+def test_slow_steady_reader_gets_a_big_event_whole(
+    slow_gevent_server: Server,
+) -> None:
+    """A client that reads a big event slowly but steadily is not cut."""
+    server, size = slow_gevent_server, 6_000_000
+    # About 15 s for the event, many times the send timeout; and slow enough
+    # that the server's send buffer, megabytes by now, drains by a third (when
+    # the kernel would wake a blocked send) only over several timeouts.
+    with open_stream(server.port, f"/big?size={size}", rcvbuf=16384) as sock:
+        raw = _read_paced(sock, b"\n\n\r\n", bytes_per_second=400_000, timeout=25)
+    events = list(parse(_dechunk(raw.partition(b"\r\n\r\n")[2])))
+    assert [len(e.data or "") for e in events] == [size]
+    assert "flask_eventstream" not in server.output()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_client_that_stops_reading_is_cut_with_one_info_line(kind: str) -> None:
+    """A client that takes nothing is cut after the send timeout, quietly."""
+    with serve(kind, env=SLOW_ENV) as server:
+        before = server.state()
+        with open_stream(server.port, "/big?size=10000000", rcvbuf=16384) as sock:
+            read_until(sock, b": stream opened\n")
+            wait_for(
+                lambda: server.state()["finished"] == before["finished"] + 1,
+                15,
+                "the stalled stream was cut and its finally ran",
+            )
+        output = server.output()
+    assert "Traceback" not in output, output
+    assert "ERROR" not in output, output
+    ours = [line for line in output.splitlines() if "flask_eventstream" in line]
+    assert len(ours) == 1, output
+    assert ours[0].startswith("INFO "), output
+
+
 def test_sigterm_ends_100_open_streams_promptly() -> None:
     """A graceful stop ends every stream at once; clients see a clean end."""
     with serve("gevent", env=ENV) as server:
@@ -249,6 +318,51 @@ def _cycle(port: int) -> None:
 def _settled(state: dict[str, t.Any], baseline: dict[str, t.Any]) -> bool:
     keys = ("watched", "greenlets", "threads")
     return all(state[key] == baseline[key] for key in keys)
+
+
+def _epoll_fds(pid: int) -> list[int]:
+    fds = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            if os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[eventpoll]":
+                fds.append(int(name))
+    return fds
+
+
+def _read_paced(
+    sock: socket.socket, marker: bytes, bytes_per_second: int, timeout: float
+) -> bytes:
+    """Read at about ``bytes_per_second`` until the data ends with ``marker``."""
+    data = bytearray()
+    start = time.monotonic()
+    while not data.endswith(marker):
+        elapsed = time.monotonic() - start
+        if elapsed > timeout:
+            raise TimeoutError(f"{len(data)} bytes arrived in {timeout} s.")
+        # Pacing, not waiting for anything: this is how slowly the client reads.
+        ahead = len(data) / bytes_per_second - elapsed
+        if ahead > 0:
+            time.sleep(ahead)
+            continue
+        sock.settimeout(timeout - elapsed)
+        chunk = sock.recv(16384)
+        if not chunk:
+            raise EOFError(
+                f"The stream was cut after {elapsed:.1f} s; {len(data)} bytes"
+                f" arrived, at {len(data) / max(elapsed, 0.001) / 1000:.0f} KB/s."
+            )
+        data += chunk
+    return bytes(data)
+
+
+def _dechunk(body: bytes) -> bytes:
+    """Return the data of the complete chunks of a chunked HTTP body."""
+    parts, pos = [], 0
+    while (end := body.find(b"\r\n", pos)) >= 0:
+        size = int(body[pos:end], 16)
+        parts.append(body[end + 2 : end + 2 + size])
+        pos = end + 2 + size + 2
+    return b"".join(parts)
 
 
 def _read_to_eof(sock: socket.socket, deadline: float) -> bytes:

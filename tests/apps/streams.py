@@ -8,7 +8,9 @@ a disconnect left behind.
 from __future__ import annotations
 
 import gc
+import logging
 import os
+import resource
 import threading
 import time
 import typing as t
@@ -24,6 +26,8 @@ from flask_eventstream.concurrency import current_backend
 from flask_eventstream.watcher import watcher_for
 
 state = {"started": 0, "finished": 0}
+#: Descriptors the app holds open, as a busy server's connections would.
+held_fds: list[int] = []
 
 
 def _tracked(body: t.Iterator[t.Any]) -> t.Iterator[t.Any]:
@@ -58,6 +62,20 @@ def create_app() -> Flask:
     app = create_demo()
     if "SEND_TIMEOUT" in os.environ:
         app.config["EVENTSTREAM_SEND_TIMEOUT"] = float(os.environ["SEND_TIMEOUT"])
+    if "HOLD_FDS" in os.environ:
+        # Every descriptor opened after this one (sockets, the watcher's
+        # epoll) is numbered above it, as in a server with many clients.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+        while not held_fds or held_fds[-1] < int(os.environ["HOLD_FDS"]):
+            held_fds.append(os.open(os.devnull, os.O_RDONLY))
+    if "LOG_LEVEL" in os.environ:
+        # The library's own log lines reach the server's output.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        library = logging.getLogger("flask_eventstream")
+        library.addHandler(handler)
+        library.setLevel(os.environ["LOG_LEVEL"])
 
     def silent() -> t.Iterator[None]:
         # Silent for an hour: only a killed greenlet gets past this.
@@ -76,6 +94,10 @@ def create_app() -> Flask:
         while True:
             yield Event(payload, id=str(n))
             n += 1
+
+    def big(size: int) -> t.Iterator[Event | None]:
+        yield Event("x" * size)
+        yield from checkpoints()
 
     @app.get("/silent")
     @stream_events(keep_alive=15)
@@ -96,6 +118,19 @@ def create_app() -> Flask:
     @stream_events(keep_alive=15)
     def large_stream() -> t.Iterator[t.Any]:
         return _tracked(large())
+
+    @app.get("/idle")
+    @stream_events(keep_alive=15)
+    def idle_stream() -> t.Iterator[t.Any]:
+        # Silent on the wire for 15 s, so that only the watcher can end it
+        # soon after a hang-up; yet a thread gets its chance to stop.
+        return _tracked(checkpoints())
+
+    @app.get("/big")
+    @stream_events(keep_alive=15)
+    def big_stream() -> t.Iterator[t.Any]:
+        # One event of ``size`` bytes of data, then silence.
+        return _tracked(big(request.args.get("size", 1_000_000, type=int)))
 
     @app.post("/publish")
     def publish() -> dict[str, str]:
