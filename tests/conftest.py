@@ -10,6 +10,9 @@ from flask_eventstream import Event
 if t.TYPE_CHECKING:
     from flask.testing import FlaskClient
 
+# The scenarios that several test modules run assert like tests do.
+pytest.register_assert_rewrite("tests.scenarios")
+
 
 @pytest.fixture
 def app() -> Flask:

@@ -137,7 +137,7 @@ def test_any_last_event_id_header_gets_2xx_or_a_plain_4xx(last_event_id: bytes) 
     )
 )
 def test_last_event_id_argument_with_control_characters(value: str) -> None:
-    """lastEventId with control characters: 400 unless it is a real id."""
+    """lastEventId with control characters or odd digits: a stream or a plain 4xx."""
     from urllib.parse import quote
 
     query = f"channel=a&lastEventId={quote(value, safe='', errors='surrogatepass')}"
