@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import random
 import re
@@ -27,6 +28,7 @@ from flask_eventstream.brokers.base import RESET_EVENT
 from flask_eventstream.brokers.redis import RedisBroker
 from flask_eventstream.concurrency import THREADS
 from flask_eventstream.parser import parse
+from flask_eventstream.testing import read_events
 
 from .redis_server import redis_server
 from .redis_server import RedisServer
@@ -37,8 +39,10 @@ if t.TYPE_CHECKING:
     import collections.abc as cabc
 
     from flask.testing import FlaskClient
+    from werkzeug.test import TestResponse
+    from werkzeug.wrappers import Response
 
-    from flask_eventstream.brokers.base import Subscription
+    from flask_eventstream.brokers.fanout import Subscription
 
     MakeBroker = cabc.Callable[..., RedisBroker]
 
@@ -184,18 +188,14 @@ def test_ids_come_from_redis_and_order_events_across_channels(
     assert sorted(held.values()) == sorted([ids, ids[::3], ids[1::3], ids[2::3]])
 
 
-def test_explicit_id_must_be_well_formed_and_greater_than_the_last(
+def test_explicit_id_of_the_brokers_form_must_be_greater_than_the_last(
     broker: RedisBroker, store: redis.Redis, prefix: str
 ) -> None:
-    """A chosen id is used as is; a bad or stale one is ValueError, unwritten."""
+    """A chosen ``<ms>-<seq>`` id is used as is; a stale one is refused, unwritten."""
     last = broker.publish("a", Event("x"))
     chosen = f"{parse_id(last)[0] + 1000}-5"
     assert broker.publish("b", Event("y", id=chosen)) == chosen
     before = stream_lengths(store, prefix)
-    with pytest.raises(ValueError, match="Event ids look like"):
-        broker.publish("a", Event("z", id="abc"))
-    with pytest.raises(ValueError, match="Event ids look like"):
-        broker.publish("a", Event("z", id="12"))
     for stale in (chosen, f"{parse_id(chosen)[0]}-4", last):
         with pytest.raises(ValueError, match="greater than the last one"):
             broker.publish("a", Event("z", id=stale))
@@ -301,7 +301,7 @@ def test_reader_overtaken_by_trimming_ends_its_streams(
     assert [e.data for e in received(sub, 1)] == ["first"]
     # Stall the worker's reader (it waits for the lock to fan out) while
     # another process publishes more than the stream of all events keeps.
-    with worker._lock:
+    with worker.fanout.lock:
         for n in range(10_500):
             other.publish("b", Event(str(n)))
         other.publish("a", Event("after the gap"))
@@ -583,14 +583,14 @@ def test_client_ahead_of_this_workers_reader_gets_no_duplicate(
     first = subscribed(worker, "a")
     release = threading.Event()
     reading = threading.Event()
-    deliver = worker._deliver
+    deliver = worker.deliver
 
     def held(entries: list[t.Any], last: str) -> None:
         reading.set()
         release.wait(10)
         deliver(entries, last)
 
-    monkeypatch.setattr(worker, "_deliver", held)
+    monkeypatch.setattr(worker, "deliver", held)
     seen_elsewhere = other.publish("a", Event("one"))
     assert reading.wait(10)
     # The client got "one" from another worker and comes here with its id,
@@ -600,3 +600,214 @@ def test_client_ahead_of_this_workers_reader_gets_no_duplicate(
     other.publish("a", Event("two"))
     assert [e.data for e in received(first, 2)] == ["one", "two"]
     assert [e.data for e in received(second, 1)] == ["two"]
+
+
+# Through the app only (the blueprint, publish, the endpoint) and a plain
+# Redis client, so that these hold whatever the broker looks like inside.
+
+
+@pytest.fixture
+def redis_sse(
+    app: Flask, server: RedisServer, prefix: str
+) -> cabc.Iterator[cabc.Callable[..., EventStream]]:
+    """Register an EventStream on the test's Redis keys, with more settings."""
+
+    def register(**config: t.Any) -> EventStream:
+        app.config.update(
+            EVENTSTREAM_BROKER_URL=server.url, EVENTSTREAM_KEY_PREFIX=prefix, **config
+        )
+        sse = EventStream()
+        app.register_blueprint(sse, url_prefix="/events")
+        return sse
+
+    yield register
+    if "eventstream" in app.extensions:
+        state(app).broker.close()
+
+
+def published(app: Flask, sse: EventStream, data: str, **kwargs: t.Any) -> str:
+    with app.app_context():
+        return sse.publish(data, **kwargs)
+
+
+def opened(client: FlaskClient, url: str, **kwargs: t.Any) -> TestResponse:
+    """Open a stream; it is subscribed once the response exists."""
+    rv = client.get(url, buffered=False, **kwargs)
+    assert rv.status_code == 200, rv.data
+    return rv
+
+
+def next_events(rv: Response, count: int) -> list[tuple[str | None, str | None, t.Any]]:
+    """The next ``count`` events of ``rv`` as (event, id, data)."""
+    return [(e.event, e.id, e.data) for e in read_events(rv, count, timeout=5)]
+
+
+def resumed(
+    app: Flask, sse: EventStream, channel: str, last_id: str
+) -> list[tuple[str | None, t.Any]]:
+    """(event, data) of what a client resuming from ``last_id`` gets first."""
+    url = f"/events?channel={channel}"
+    with opened(app.test_client(), url, headers={"Last-Event-ID": last_id}) as rv:
+        marker = published(app, sse, "marker", channel=channel)
+        events: list[tuple[str | None, t.Any]] = []
+        while True:
+            (event,) = read_events(rv, 1, timeout=5)
+            if event.id == marker:
+                return events
+            events.append((event.event, event.data))
+
+
+def stored(store: redis.Redis, key: str, data: str) -> list[str]:
+    """The ids of the entries of the stream ``key`` whose data is ``data``."""
+    entries = t.cast("list[tuple[str, dict[str, str]]]", store.xrange(key))
+    return [entry_id for entry_id, fields in entries if fields.get("d") == data]
+
+
+def lengths(store: redis.Redis, prefix: str, channel: str) -> tuple[int, int]:
+    """The lengths of the stream of all events and of ``channel``'s stream."""
+    return store.xlen(f"{prefix}:all"), store.xlen(f"{prefix}:channel:{channel}")
+
+
+def wait_until_older_than(event_id: str, seconds: float) -> None:
+    """Wait until ``event_id`` (``<ms>-<seq>``) is older than ``seconds``."""
+    ms = int(event_id.split("-")[0]) + seconds * 1000 + 200
+    wait_for(lambda: time.time() * 1000 > ms, seconds + 5, f"{event_id} grown old")
+
+
+def skipped(caplog: pytest.LogCaptureFixture, entry_id: str) -> list[str]:
+    """The library's warnings and errors that name ``entry_id``."""
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name.startswith("flask_eventstream")
+        and record.levelno >= logging.WARNING
+        and entry_id in record.getMessage()
+    ]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"c": "a", "d": "x", "r": "soon"}, {"c": "a", "d": b"\xff\xfe"}],
+    ids=["retry-not-a-number", "data-not-utf-8"],
+)
+def test_reader_skips_an_entry_it_cannot_decode_and_keeps_delivering(
+    redis_app: tuple[Flask, EventStream],
+    store: redis.Redis,
+    prefix: str,
+    caplog: pytest.LogCaptureFixture,
+    fields: dict[str, str | bytes],
+) -> None:
+    """An undecodable entry is logged once and skipped; live delivery goes on."""
+    caplog.set_level(logging.WARNING, logger="flask_eventstream")
+    app, sse = redis_app
+    client = app.test_client()
+    with opened(client, "/events?channel=a") as rv:
+        first = published(app, sse, "first", channel="a")
+        assert next_events(rv, 1) == [("message", first, "first")]
+        # Another service, or another release of this one, wrote it.
+        bad = t.cast(str, store.xadd(f"{prefix}:all", fields))  # type: ignore[arg-type]
+        after = published(app, sse, "after", channel="a")
+        assert next_events(rv, 1) == [("message", after, "after")]
+        # The worker still delivers, to its streams and to new ones.
+        with opened(client, "/events?channel=a") as late:
+            later = published(app, sse, "later", channel="a")
+            assert next_events(late, 1) == [("message", later, "later")]
+            assert next_events(rv, 1) == [("message", later, "later")]
+    wait_for(lambda: bool(skipped(caplog, bad)), 5, f"a log line naming {bad}")
+    assert len(skipped(caplog, bad)) == 1, skipped(caplog, bad)
+
+
+def test_publish_after_the_stream_of_all_events_was_lost_stores_it_whole(
+    redis_app: tuple[Flask, EventStream], store: redis.Redis, prefix: str
+) -> None:
+    """Publish with the stream of all events behind the channel's never fails."""
+    app, sse = redis_app
+    now_ms = int(time.time() * 1000)
+    published(app, sse, "old", channel="a")
+    # An app-given id an hour ahead (or Redis's clock stepped back), then the
+    # stream of all events deleted or evicted.
+    published(app, sse, "given id", channel="a", id=f"{now_ms + 3_600_000}-0")
+    store.delete(f"{prefix}:all")
+    with opened(app.test_client(), "/events?channel=a") as rv:
+        new = published(app, sse, "new", channel="a")
+        newer = published(app, sse, "newer", channel="a")
+        for data, event_id in [("new", new), ("newer", newer)]:
+            assert stored(store, f"{prefix}:all", data) == [event_id]
+            assert stored(store, f"{prefix}:channel:a", data) == [event_id]
+        assert next_events(rv, 2) == [
+            ("message", new, "new"),
+            ("message", newer, "newer"),
+        ]
+
+
+def test_given_id_not_after_the_channels_newest_is_refused_and_writes_nothing(
+    redis_app: tuple[Flask, EventStream], store: redis.Redis, prefix: str
+) -> None:
+    """ValueError, and neither stream changes, though the other took the id."""
+    app, sse = redis_app
+    now_ms = int(time.time() * 1000)
+    published(app, sse, "old", channel="a")
+    newest = published(app, sse, "given id", channel="a", id=f"{now_ms + 3_600_000}-0")
+    store.delete(f"{prefix}:all")
+    before = lengths(store, prefix, "a")
+    for stale in (newest, f"{now_ms + 1_800_000}-0"):
+        with pytest.raises(ValueError, match="id"):
+            published(app, sse, "stale", channel="a", id=stale)
+        assert lengths(store, prefix, "a") == before, f"after {stale}"
+
+
+@pytest.mark.parametrize(
+    "lost", [["trimmed"], ["trimmed", "first"]], ids=["trimmed", "trimmed-first"]
+)
+def test_replay_past_trimmed_events_resets_though_other_keys_are_lost(
+    redis_sse: cabc.Callable[..., EventStream],
+    app: Flask,
+    store: redis.Redis,
+    prefix: str,
+    lost: list[str],
+) -> None:
+    """Trimmed history is announced whatever other key Redis lost."""
+    sse = redis_sse(EVENTSTREAM_HISTORY=3)
+    ids = [published(app, sse, f"a{n}", channel="a") for n in range(6)]
+    store.delete(*(f"{prefix}:{key}" for key in lost))
+    assert resumed(app, sse, "a", ids[0]) == [
+        ("eventstream.reset", ids[0]),
+        ("message", "a3"),
+        ("message", "a4"),
+        ("message", "a5"),
+    ]
+
+
+def test_replay_from_a_channel_whose_stream_was_lost_resets_after_the_ttl(
+    redis_sse: cabc.Callable[..., EventStream],
+    app: Flask,
+    store: redis.Redis,
+    prefix: str,
+) -> None:
+    """An id older than the TTL on a channel with no stream gets a reset."""
+    sse = redis_sse(EVENTSTREAM_HISTORY_TTL=1)
+    a0 = published(app, sse, "a0", channel="a")
+    store.delete(f"{prefix}:channel:a")
+    published(app, sse, "b0", channel="b")
+    wait_until_older_than(a0, 1)
+    assert resumed(app, sse, "a", a0) == [("eventstream.reset", a0)]
+
+
+def test_channel_history_expires_after_the_ttl_without_events(
+    redis_sse: cabc.Callable[..., EventStream],
+    app: Flask,
+    store: redis.Redis,
+    prefix: str,
+) -> None:
+    """A channel's stream expires after the TTL, renewed by each event."""
+    sse = redis_sse(EVENTSTREAM_HISTORY_TTL=1)
+    key = f"{prefix}:channel:a"
+    a0 = published(app, sse, "a0", channel="a")
+    first = store.pttl(key)
+    assert 0 < first <= 1000
+    wait_for(lambda: store.pttl(key) < first - 200, 5, "the expiry running down")
+    lowered = store.pttl(key)
+    published(app, sse, "a1", channel="a")
+    assert 0 < lowered < store.pttl(key) <= 1000
+    wait_for(lambda: not store.exists(key), 5, f"{key} expired")
+    assert resumed(app, sse, "a", a0) == [("eventstream.reset", a0)]
