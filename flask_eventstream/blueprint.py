@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import functools
-import threading
 import typing as t
 
 from flask import abort
 from flask import Blueprint
 from flask import current_app
-from flask import g
 from flask import has_request_context
 from flask import request
 from flask import Response
+from werkzeug.exceptions import BadRequest
 
-from .body import EventStreamBody
 from .brokers import broker_from_url
 from .brokers.base import BrokerError
 from .brokers.base import check_channel
-from .brokers.base import parse_id
 from .cli import eventstream as eventstream_commands
+from .concurrency import os_lock
 from .event import Event
 from .stream import event_stream_response
+from .stream import own_until_streamed
+from .stream import release_unstreamed
+from .stream import seconds
 from .stream import StreamOptions
 
 if t.TYPE_CHECKING:
@@ -31,7 +32,7 @@ if t.TYPE_CHECKING:
     from werkzeug.datastructures import MultiDict
 
     from .brokers.base import Broker
-    from .brokers.base import Subscription
+    from .brokers.fanout import Subscription
 
 #: Every setting, with its default. Read once, when the blueprint is
 #: registered on an app.
@@ -39,6 +40,7 @@ DEFAULTS: dict[str, t.Any] = {
     "EVENTSTREAM_BROKER_URL": "memory://",
     "EVENTSTREAM_KEY_PREFIX": "eventstream",
     "EVENTSTREAM_HISTORY": 1000,
+    "EVENTSTREAM_HISTORY_TTL": 86400,
     "EVENTSTREAM_QUEUE_SIZE": 1000,
     "EVENTSTREAM_MAX_CHANNELS": 32,
     "EVENTSTREAM_MAX_CONNECTIONS": None,
@@ -82,20 +84,25 @@ class EventStreamState:
                 retry=config["EVENTSTREAM_RETRY"],
                 max_age=config["EVENTSTREAM_MAX_AGE"],
             )
+            history_ttl = seconds(
+                "EVENTSTREAM_HISTORY_TTL", config["EVENTSTREAM_HISTORY_TTL"], False
+            )
         except ValueError as e:
             raise ValueError(
-                f"Check EVENTSTREAM_RETRY and EVENTSTREAM_MAX_AGE: {e}"
+                f"Check EVENTSTREAM_RETRY, EVENTSTREAM_MAX_AGE and"
+                f" EVENTSTREAM_HISTORY_TTL: {e}"
             ) from None
         self.broker: Broker = broker_from_url(
             config["EVENTSTREAM_BROKER_URL"],
             history=self.history,
+            history_ttl=t.cast(float, history_ttl),
             prefix=config["EVENTSTREAM_KEY_PREFIX"],
         )
         #: Streams open now in this process.
         self.streams = 0
         #: Streams open now per client key, for clients that have any.
         self.clients: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._lock = os_lock()
 
     def reserve(self, client: str | None = None) -> Refusal | None:
         """Count one more open stream for ``client``, unless a limit is reached.
@@ -163,8 +170,7 @@ class EventStream(Blueprint):
             self.cli.add_command(command)
         self._authorize: cabc.Callable[[str], bool] | None = None
         self._client_key: cabc.Callable[[], str | None] = _remote_addr
-        self.after_app_request(_close_unused)
-        self.teardown_app_request(_close_on_error)
+        self.teardown_app_request(release_unstreamed)
         # The subscribe endpoint is the prefix itself: /events?channel=a.
         self.record(
             lambda s: s.add_url_rule(
@@ -264,34 +270,30 @@ class EventStream(Blueprint):
         :param last_event_id: replay the events after this id first. When
             ``None``, the request's ``Last-Event-ID`` header or
             ``lastEventId`` argument is used; pass ``""`` for no replay.
+        :raises werkzeug.exceptions.BadRequest: for a malformed id.
+
+        In a request, the response that streams it closes it; without one,
+        the end of the request does.
         """
         state = _state()
-        names = list(dict.fromkeys(check_channel(c) for c in channels)) or ["sse"]
-        if len(names) > state.max_channels:
-            raise ValueError(
-                f"At most {state.max_channels} channels (EVENTSTREAM_MAX_CHANNELS)"
-                f" may be listened to at once (got {len(names)})."
-            )
+        names = _channel_names(channels, state.max_channels)
         if last_event_id is None and has_request_context():
             last_event_id = _request_last_event_id()
         elif last_event_id:
-            parse_id(last_event_id)
+            _check_id(last_event_id, "The last event id")
         client = None
         if state.max_per_client is not None and has_request_context():
             client = self._client_key()
         refused = state.reserve(client)
+        retry_after = {"Retry-After": str(RETRY_AFTER_SECONDS)}
         if refused == "process":
-            _refuse(
-                503,
-                "Too many open streams; try again shortly.",
-                {"Retry-After": str(RETRY_AFTER_SECONDS)},
-            )
+            _refuse(503, "Too many open streams; try again shortly.", retry_after)
         if refused == "client":
             _refuse(
                 429,
                 f"Too many open streams from this client (at most"
                 f" {state.max_per_client}); close one or try again shortly.",
-                {"Retry-After": str(RETRY_AFTER_SECONDS)},
+                retry_after,
             )
         try:
             sub = state.broker.subscribe(
@@ -305,13 +307,9 @@ class EventStream(Blueprint):
             if not has_request_context():
                 raise
             current_app.logger.warning("Refused a subscription: %s", e)
-            _refuse(
-                503,
-                "Events are unavailable for a moment; try again shortly.",
-                {"Retry-After": str(RETRY_AFTER_SECONDS)},
-            )
+            _refuse(503, "Events are unavailable; try again shortly.", retry_after)
         if has_request_context():
-            g.setdefault(_PENDING, []).append(sub)
+            own_until_streamed(sub)
         return sub
 
     def _subscribe(self) -> Response:
@@ -324,18 +322,10 @@ class EventStream(Blueprint):
                 _ALLOW,
             )
         state = _state()
-        names = list(dict.fromkeys(_args().getlist("channel"))) or ["sse"]
-        if len(names) > state.max_channels:
-            _refuse(
-                400,
-                f"At most {state.max_channels} channels per request"
-                f" (got {len(names)}).",
-            )
-        for name in names:
-            try:
-                check_channel(name)
-            except ValueError as e:
-                _refuse(400, str(e))
+        try:
+            names = _channel_names(_args().getlist("channel"), state.max_channels)
+        except ValueError as e:
+            _refuse(400, str(e))
         if self._authorize is not None:
             for name in names:
                 if not self._authorize(name):
@@ -343,28 +333,14 @@ class EventStream(Blueprint):
         return event_stream_response(self.listen(*names), state.options, "eventstream")
 
 
-# Subscriptions made during a request. One that is not the stream's own
-# source may be read by the view's generator: it is closed with the stream,
-# which also wakes a generator waiting on it. Without a stream, it is closed
-# when the request ends, however it ends.
-_PENDING = "_eventstream_subscriptions"
-
-
-def _close_unused(response: Response) -> Response:
-    subs = g.pop(_PENDING, None)
-    if subs:
-        body = response.response
-        for sub in subs:
-            if not isinstance(body, EventStreamBody):
-                sub.close()
-            elif sub is not body.source:
-                body.add_cleanup(sub.close)
-    return response
-
-
-def _close_on_error(exc: BaseException | None) -> None:
-    for sub in g.pop(_PENDING, ()):
-        sub.close()
+def _channel_names(channels: cabc.Iterable[str], most: int) -> list[str]:
+    names = list(dict.fromkeys(check_channel(c) for c in channels)) or ["sse"]
+    if len(names) > most:
+        raise ValueError(
+            f"At most {most} channels (EVENTSTREAM_MAX_CHANNELS) may be listened"
+            f" to at once (got {len(names)})."
+        )
+    return names
 
 
 def _remote_addr() -> str | None:
@@ -403,10 +379,19 @@ def _request_last_event_id() -> str | None:
     if not raw:
         return None
     try:
-        parse_id(raw)
-    except ValueError as e:
-        _refuse(400, f"Cannot resume from this Last-Event-ID. {e}")
-    return raw
+        return _check_id(raw, "The Last-Event-ID")
+    except BadRequest as e:
+        _refuse(400, str(e.description))
+
+
+def _check_id(value: str, what: str) -> str:
+    # Any other string is an id: one the broker cannot find gets a reset.
+    if len(value) > 200 or "\r" in value or "\n" in value or "\0" in value:
+        raise BadRequest(
+            f"{what} is not an event id: ids are 1-200 characters without a line"
+            f" break or NUL (got {value[:60]!r})."
+        )
+    return value
 
 
 def _refuse(

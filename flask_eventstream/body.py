@@ -1,10 +1,8 @@
-"""The body of an event stream response and the sources that feed it.
+"""The body of an event stream response, and a view's generator as its source.
 
 The body runs in the server's greenlet or thread: it waits on its source
-with a timeout, turns a timeout into a keep-alive, and hands the server all
-chunks that are ready as one write. The source is either a view's generator,
-run beside the body by :class:`GeneratorSource`, or anything else that
-implements :class:`StreamSource`, such as a channel subscription.
+(a :class:`GeneratorSource`, or a channel subscription) with a timeout, and
+turns a timeout into a keep-alive.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ from .concurrency import current_backend
 from .concurrency import Mailbox
 from .concurrency import StreamSource
 from .event import Event
+from .watcher import SEND_SLICE_BYTES
 from .watcher import watcher_for
 
 if t.TYPE_CHECKING:
@@ -30,7 +29,7 @@ if t.TYPE_CHECKING:
     from flask import Flask
 
     from .concurrency import Backend
-    from .concurrency import Task
+    from .concurrency import Stop
     from .watcher import Watcher
 
 #: How many encoded events a generator may get ahead of its client.
@@ -75,11 +74,13 @@ class GeneratorSource(StreamSource):
         self._app = app
         self._name = name
         self._mailbox: Mailbox[bytes] | None = None
-        self._task: Task | None = None
+        self._stop: Stop | None = None
 
     def start(self, backend: Backend) -> None:
         self._mailbox = Mailbox(backend, PRODUCER_QUEUE_SIZE)
-        self._task = backend.spawn(functools.partial(self._context.run, self._run))
+        self._stop = backend.spawn(
+            functools.partial(self._context.run, self._run), "eventstream-producer"
+        )
 
     def take(self, timeout: float | None) -> list[bytes]:
         assert self._mailbox is not None
@@ -95,8 +96,8 @@ class GeneratorSource(StreamSource):
 
     def close(self) -> None:
         self.interrupt()
-        if self._task is not None:
-            self._task.stop(STOP_TIMEOUT_SECONDS)
+        if self._stop is not None:
+            self._stop(STOP_TIMEOUT_SECONDS)
         else:
             self._close_iterable()
 
@@ -150,8 +151,9 @@ class EventStreamBody:
     ) -> None:
         self.socket = sock
         self.send_timeout = send_timeout
-        #: When the server was handed the chunk it is writing, or None.
+        #: When the server was handed the slice it is writing, or None.
         self.writing_since: float | None = None
+        self._rest: bytes | memoryview = b""
         self.source = source
         self._opening = opening
         self._keep_alive = keep_alive
@@ -167,10 +169,12 @@ class EventStreamBody:
         return self
 
     def __next__(self) -> bytes:
-        # The server asks for the next chunk only once the last one is sent.
+        # The server asks for the next slice only once the last one is sent.
         self.writing_since = None
         if self._closed:
             raise StopIteration
+        if self._rest:
+            return self._sending(self._rest, time.monotonic())
         if self._watcher is None:
             return self._start()
         while True:
@@ -187,8 +191,8 @@ class EventStreamBody:
             if self._next_beat is not None and now >= self._next_beat:
                 return self._sending(self._heartbeat, now)
 
-    def abort(self) -> None:
-        """End the stream soon; called by the watcher, never blocks."""
+    def interrupt(self) -> None:
+        """End the stream at its next wake-up; never blocks."""
         self.source.interrupt()
 
     def add_cleanup(self, fn: cabc.Callable[[], None]) -> None:
@@ -217,11 +221,18 @@ class EventStreamBody:
         self.source.start(backend)
         return self._sending(self._opening, now)
 
-    def _sending(self, data: bytes, now: float) -> bytes:
+    def _sending(self, data: bytes | memoryview, now: float) -> bytes:
         if self._keep_alive is not None:
             self._next_beat = now + self._keep_alive
         self.writing_since = now
-        return data
+        # The send timeout runs from handing the server a write until it asks
+        # for the next, so a big write goes in slices: each slice the socket
+        # takes is progress, and a slow but steady reader of a big event is
+        # cut only if it takes less than a slice in the whole timeout. A small
+        # write is handed on as it is, without a copy.
+        big = len(data) > SEND_SLICE_BYTES
+        self._rest = memoryview(data)[SEND_SLICE_BYTES:] if big else b""
+        return bytes(data[:SEND_SLICE_BYTES])
 
     def _timeout(self) -> float | None:
         if self._ends_at is None:

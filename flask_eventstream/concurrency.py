@@ -1,16 +1,16 @@
-"""Greenlet and thread primitives, chosen at run time.
+"""Greenlet and thread primitives, chosen once per process, and one lock.
 
-A stream needs three things from its server's concurrency model: a way to
-run a producer beside the response, an event to wait on with a timeout, and
-a way to watch many sockets at once. Under a gevent server (sockets
-monkey-patched, as ``gunicorn -k gevent`` does) those are greenlets and the
-gevent hub; anywhere else they are threads.
+Under a gevent server (sockets patched, as ``gunicorn -k gevent`` does) a
+stream's producer is a greenlet and it waits on the gevent hub; anywhere
+else these are threads.
 """
 
 from __future__ import annotations
 
+import _thread
 import abc
 import functools
+import os
 import select
 import sys
 import threading
@@ -20,20 +20,38 @@ if t.TYPE_CHECKING:
     import collections.abc as cabc
 
 
-class Waitable(t.Protocol):
-    """The part of :class:`threading.Event` that streams use."""
-
-    def set(self) -> None: ...
-    def clear(self) -> None: ...
-    def is_set(self) -> bool: ...
-    def wait(self, timeout: float | None = None) -> bool: ...
+_R = t.TypeVar("_R")
 
 
-class Task(t.Protocol):
-    """A producer running beside a response."""
+def _original(module: str, name: str) -> t.Any:
+    # What gevent's patching replaces. Without gevent.monkey nothing is
+    # patched yet, and a later patch_all() does not change what is bound.
+    monkey = sys.modules.get("gevent.monkey")
+    return (
+        monkey.get_original(module, name)
+        if monkey
+        else getattr(sys.modules[module], name)
+    )
 
-    def stop(self, timeout: float) -> None:
-        """End the task, running its cleanup, waiting at most ``timeout``."""
+
+#: The one lock of the package, for sections that never wait: an OS lock
+#: under every backend, even where gevent has patched :mod:`threading`.
+#: gevent's own lock would deadlock publishers in native threads (a thread
+#: pool, a client library's callback thread), and no greenlet can switch out
+#: while it holds a lock around code that never waits.
+os_lock: cabc.Callable[[], _thread.LockType] = _original("_thread", "allocate_lock")
+#: gevent removes epoll from a patched select module, because waiting on it
+#: would block the hub; the watcher polls it with a zero timeout only after
+#: the backend has said its descriptor is readable.
+epoll: type[select.epoll] = _original("select", "epoll")
+
+
+#: What a stream waits on: the part of :class:`threading.Event` it uses.
+Waitable: t.TypeAlias = "threading.Event | _Signal"
+
+
+#: Ends a task, running its cleanup, waiting at most that many seconds.
+Stop = t.Callable[[float], None]
 
 
 class Backend(t.Protocol):
@@ -42,24 +60,9 @@ class Backend(t.Protocol):
     name: str
 
     def event(self) -> Waitable: ...
-    def lock(self) -> t.ContextManager[t.Any]: ...
-    def spawn(self, fn: cabc.Callable[[], None]) -> Task: ...
-    def poller(self) -> select.epoll: ...
+    def spawn(self, fn: cabc.Callable[[], None], name: str) -> Stop: ...
+    def call(self, fn: cabc.Callable[[], _R]) -> _R: ...
     def wait_readable(self, fd: int, timeout: float) -> None: ...
-
-
-class _Thread:
-    def __init__(self, fn: cabc.Callable[[], None]) -> None:
-        self._thread = threading.Thread(
-            target=fn, name="eventstream-producer", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self, timeout: float) -> None:
-        # A thread cannot be interrupted: it sees that its mailbox is closed
-        # and ends at the generator's next yield. Waiting for that here would
-        # hold the server's thread hostage to a silent generator.
-        pass
 
 
 class ThreadBackend:
@@ -70,20 +73,26 @@ class ThreadBackend:
     def event(self) -> Waitable:
         return threading.Event()
 
-    def lock(self) -> t.ContextManager[t.Any]:
-        return threading.Lock()
+    def spawn(self, fn: cabc.Callable[[], None], name: str) -> Stop:
+        threading.Thread(target=fn, name=name, daemon=True).start()
+        # A thread cannot be interrupted: it sees that its mailbox is closed
+        # and ends at the generator's next yield. Waiting for that would
+        # hold the server's thread hostage to a silent generator.
+        return lambda timeout: None
 
-    def spawn(self, fn: cabc.Callable[[], None]) -> Task:
-        return _Thread(fn)
+    def call(self, fn: cabc.Callable[[], _R]) -> _R:
+        return fn()
 
-    def poller(self) -> select.epoll:
-        return select.epoll()
+    #: poll, not select, which refuses descriptors of 1024 and above.
+    _poll = staticmethod(select.poll)
 
     def wait_readable(self, fd: int, timeout: float) -> None:
-        select.select([fd], [], [], timeout)
+        poller = self._poll()
+        poller.register(fd, select.POLLIN)
+        poller.poll(timeout * 1000)
 
 
-class GeventBackend:
+class GeventBackend(ThreadBackend):
     """Greenlets, for ``gunicorn -k gevent`` and other gevent servers."""
 
     name = "gevent"
@@ -91,57 +100,60 @@ class GeventBackend:
     def __init__(self) -> None:
         import gevent
         import gevent.hub
-        import gevent.monkey
         import gevent.select
 
         self._gevent = gevent
-        self._get_hub = gevent.get_hub
         #: The OS thread's id, which patching hides behind the greenlet's.
-        self.thread_ident: cabc.Callable[[], int]
-        self.thread_ident = gevent.monkey.get_original("_thread", "get_ident")
+        self.thread_ident: cabc.Callable[[], int] = _original("_thread", "get_ident")
         #: What a :class:`_Signal` parks a waiting greenlet in.
         self.waiter = gevent.hub.Waiter
-        self._allocate_lock = gevent.monkey.get_original("_thread", "allocate_lock")
-        self._select = gevent.select.select
-        # gevent removes epoll from a patched select module, because waiting
-        # on it would block the hub; the watcher only polls it with a zero
-        # timeout after the hub has said its descriptor is readable.
-        self._epoll: type[select.epoll] = gevent.monkey.get_original("select", "epoll")
+        # Sockets belong to the hub they were made in: this one, since the
+        # backend is made on the first stream or publish of the process.
+        self._hub = gevent.get_hub()
+        # gevent's, whose select() would try the OS select() first.
+        self._poll = gevent.select.poll
 
     def event(self) -> Waitable:
-        return _Signal(self, self._get_hub())
+        return _Signal(self, self._gevent.get_hub())
 
-    def lock(self) -> t.ContextManager[t.Any]:
-        # The OS lock that gevent's patching replaced. The sections it guards
-        # never wait, so no greenlet can switch out while holding it, and it
-        # still keeps a publisher in a real thread (a thread pool, say) safe.
-        # It costs a fraction of gevent's greenlet-aware lock, and mailboxes
-        # take it on every event.
-        return t.cast(t.ContextManager[t.Any], self._allocate_lock())
+    def spawn(self, fn: cabc.Callable[[], None], name: str) -> Stop:
+        greenlet = self._gevent.spawn(fn)
+        greenlet.name = name
+        # GreenletExit is raised wherever the task waits, inside the user's
+        # generator or on a full mailbox, so its finally runs now.
+        return lambda timeout: greenlet.kill(block=True, timeout=timeout)
 
-    def spawn(self, fn: cabc.Callable[[], None]) -> Task:
-        return _Greenlet(self._gevent.spawn(fn))
+    def call(self, fn: cabc.Callable[[], _R]) -> _R:
+        """Run ``fn`` in the hub's thread: a native thread (a thread pool, a
+        library's callback) cannot use the hub's sockets, so it waits here."""
+        if self.thread_ident() == self._hub.thread_ident:
+            return fn()
+        done, outcome = os_lock(), list[tuple[t.Any, BaseException | None]]()
+        done.acquire()
 
-    def poller(self) -> select.epoll:
-        return self._epoll()
+        def run() -> None:
+            try:
+                outcome.append((fn(), None))
+            except BaseException as e:
+                outcome.append((None, e))
+            done.release()
 
-    def wait_readable(self, fd: int, timeout: float) -> None:
-        self._select([fd], [], [], timeout)
+        self._hub.loop.run_callback_threadsafe(self._gevent.spawn, run)
+        done.acquire()
+        if outcome[0][1] is not None:
+            raise outcome[0][1]
+        return t.cast(_R, outcome[0][0])
 
 
+# An event for one greenlet at a time, woken by a bare hub callback; ``set``
+# may be called from another OS thread. gevent.event.Event makes a Timeout for
+# every timed wait and runs its generic link machinery on every set(). A
+# stream waits once per event it sends, so with a thousand subscribers that
+# was most of a fan-out's cost, and the objects each wait left alive kept the
+# cyclic garbage collector busy (the fanout scenario of benchmarks/, see
+# docs/performance.rst). A signal keeps one Waiter and reuses its timer while
+# the timeout stays the same, as a stream's keep-alive interval does.
 class _Signal:
-    """An event for one greenlet at a time, woken by a bare hub callback.
-
-    :class:`gevent.event.Event` makes a :class:`gevent.Timeout` for every
-    timed wait and runs its generic link machinery on every ``set``. A
-    stream waits once per event it sends, so with a thousand subscribers
-    that was most of a fan-out's cost, and the objects each wait left alive
-    until the next event kept the cyclic garbage collector busy. A signal
-    keeps one :class:`gevent.hub.Waiter` and reuses its timer while the
-    timeout stays the same, as a stream's keep-alive interval does. ``set``
-    may be called from another OS thread.
-    """
-
     __slots__ = (
         "_after",
         "_backend",
@@ -221,34 +233,22 @@ class _Signal:
             self._scheduled = False
 
 
-class _Greenlet:
-    def __init__(self, greenlet: t.Any) -> None:
-        self._greenlet = greenlet
-
-    def stop(self, timeout: float) -> None:
-        # GreenletExit is raised wherever the producer is waiting, inside the
-        # user's generator or on a full mailbox, so its finally runs now.
-        self._greenlet.kill(block=True, timeout=timeout)
-
-
 THREADS = ThreadBackend()
-_gevent_backend: GeventBackend | None = None
+_chosen: tuple[int, Backend] | None = None
 
 
 def current_backend() -> Backend:
-    """Return the backend that fits the running server.
+    """Return the backend that fits the running server, chosen once a process.
 
-    gevent is chosen only when it has patched :mod:`socket`, which is what a
-    gevent server does before it accepts a connection; gevent being merely
-    installed changes nothing.
+    gevent is chosen only when it has patched :mod:`socket`, as a gevent
+    server does, if need be after loading the app in its parent process.
     """
-    global _gevent_backend
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is None or not monkey.is_module_patched("socket"):
-        return THREADS
-    if _gevent_backend is None:
-        _gevent_backend = GeventBackend()
-    return _gevent_backend
+    global _chosen
+    if _chosen is None or _chosen[0] != os.getpid():
+        monkey = sys.modules.get("gevent.monkey")
+        patched = monkey is not None and monkey.is_module_patched("socket")
+        _chosen = (os.getpid(), GeventBackend() if patched else THREADS)
+    return _chosen[1]
 
 
 class StreamSource(abc.ABC):
@@ -284,16 +284,11 @@ _T = t.TypeVar("_T")
 
 
 class Mailbox(t.Generic[_T]):
-    """A bounded queue between a producer and one response.
+    """A bounded queue between a producer and one response, which takes
+    everything queued at once, so events that pile up leave in one write.
 
-    The response takes everything that is queued in one call, so events that
-    pile up while it writes leave in a single write. ``put`` blocks while the
-    mailbox is full (a slow client slows its producer); ``offer`` never
-    blocks and reports whether there was room, for publishers that must not
-    wait on one subscriber.
-
-    :param backend: where blocking calls wait.
-    :param maxsize: how many chunks may wait before ``put`` blocks.
+    ``put`` blocks while it is full (a slow client slows its producer);
+    ``offer`` never blocks, for publishers that must not wait on one client.
     """
 
     def __init__(self, backend: Backend, maxsize: int) -> None:
@@ -302,7 +297,7 @@ class Mailbox(t.Generic[_T]):
         # A list, not a deque: items only ever leave all at once, and an
         # empty list is a tenth of an empty deque, per subscriber.
         self._items: list[_T] = []
-        self._lock = backend.lock()
+        self._lock = os_lock()
         self._new_event = backend.event
         self._ready = backend.event()
         # Made on the first put that has to wait; subscribers never do.

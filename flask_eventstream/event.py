@@ -31,14 +31,9 @@ _json_dumps_lookup: cabc.Callable[[], JSONDumps | None] = _no_json_dumps
 def set_json_dumps_lookup(
     lookup: cabc.Callable[[], JSONDumps | None],
 ) -> cabc.Callable[[], JSONDumps | None]:
-    """Choose how non-string ``data`` is turned into JSON.
-
-    This is for the Flask layer: it installs a lookup that returns the current
-    app's JSON ``dumps`` inside an app context, so this module need not import
-    Flask. When the lookup returns ``None``, compact :func:`json.dumps` is
-    used. Returns the lookup that was in place, so it can be restored.
-
-    :param lookup: called each time an event with JSON data is encoded.
+    """Install ``lookup``, called when JSON data is encoded, and return the
+    one it replaces. The Flask layer's returns the app's ``dumps``; when it
+    returns None, compact :func:`json.dumps` is used.
 
     .. versionadded:: 0.1
     """

@@ -6,7 +6,9 @@ import functools
 import typing as t
 
 from flask import current_app
+from flask import g
 from flask import has_app_context
+from flask import has_request_context
 from flask import request
 from flask import Response
 from werkzeug.http import is_hop_by_hop_header
@@ -22,6 +24,8 @@ from .event import set_json_dumps_lookup
 if t.TYPE_CHECKING:
     import collections.abc as cabc
 
+    from _typeshed.wsgi import StartResponse
+    from _typeshed.wsgi import WSGIEnvironment
     from flask import Flask
 
     from .event import JSONDumps
@@ -31,6 +35,11 @@ DEFAULT_KEEPALIVE_SECONDS = 15.0
 #: How long one write may make no progress before the stream is ended.
 DEFAULT_SEND_TIMEOUT_SECONDS = 60.0
 OPENING_COMMENT = encode_comment("stream opened")
+HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
 KEEPALIVE_COMMENT = encode_comment("keep-alive")
 
 
@@ -76,13 +85,13 @@ class StreamOptions(t.NamedTuple):
             keep_alive=(
                 keep_alive
                 if keep_alive is _FROM_CONFIG
-                else _seconds("keep_alive", keep_alive)
+                else seconds("keep_alive", keep_alive)
             ),
             heartbeat=_heartbeat(heartbeat),
             opening=OPENING_COMMENT
             + (b"" if retry is None else Event(retry=retry).encode()),
             headers=_extra_headers(headers),
-            max_age=_seconds("max_age", max_age),
+            max_age=seconds("max_age", max_age),
         )
 
 
@@ -160,28 +169,52 @@ def stream_events(
     return decorator(view) if view is not None else decorator
 
 
+# Where a request keeps the sources it owns until a stream takes them.
+_UNSTREAMED = "_eventstream_unstreamed"
+
+
+def own_until_streamed(source: StreamSource) -> None:
+    """Give ``source`` to the request until it hands a stream response to the
+    server, which then owns it; if it never does (an error, ``HEAD``, a hook
+    that replaced the response), the source is closed when the request ends.
+    """
+    g.setdefault(_UNSTREAMED, []).append(source)
+
+
+def release_unstreamed(exc: BaseException | None = None) -> None:
+    """Close what the ending request still owns; a teardown function."""
+    for source in g.pop(_UNSTREAMED, ()):
+        source.close()
+
+
+class _StreamResponse(Response):
+    def __call__(
+        self, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> cabc.Iterable[bytes]:
+        # The server takes the body now, and with it what the request owned.
+        body = self.response
+        if isinstance(body, EventStreamBody) and has_request_context():
+            for source in g.pop(_UNSTREAMED, ()):
+                body.add_cleanup(source.close)
+        return super().__call__(environ, start_response)
+
+
 def event_stream_response(
     result: cabc.Iterable[t.Any] | StreamSource, options: StreamOptions, name: str
 ) -> Response:
     """Build the streaming response for what a view returned."""
     app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
-    response = Response(direct_passthrough=True)
-    response.headers["Content-Type"] = "text/event-stream; charset=utf-8"
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
+    response = _StreamResponse(direct_passthrough=True, headers=HEADERS)
     response.headers.update(options.headers)
     if request.method == "HEAD":
         # Headers only: the generator is never started, just released.
-        if isinstance(result, StreamSource):
-            result.close()
-        else:
-            getattr(result, "close", lambda: None)()
+        getattr(result, "close", lambda: None)()
         response.response = iter(())
         return response
     config = app.config
     keep_alive = options.keep_alive
     if keep_alive is _FROM_CONFIG:
-        keep_alive = _seconds(
+        keep_alive = seconds(
             "EVENTSTREAM_KEEPALIVE",
             config.get("EVENTSTREAM_KEEPALIVE", DEFAULT_KEEPALIVE_SECONDS),
         )
@@ -199,7 +232,7 @@ def event_stream_response(
             options.heartbeat.encode() if options.heartbeat else KEEPALIVE_COMMENT
         ),
         max_age=options.max_age,
-        send_timeout=_seconds(
+        send_timeout=seconds(
             "EVENTSTREAM_SEND_TIMEOUT",
             config.get("EVENTSTREAM_SEND_TIMEOUT", DEFAULT_SEND_TIMEOUT_SECONDS),
         ),
@@ -208,13 +241,14 @@ def event_stream_response(
     return response
 
 
-def _seconds(name: str, value: t.Any) -> float | None:
-    if value is None:
+def seconds(name: str, value: t.Any, optional: bool = True) -> float | None:
+    """Check a setting of seconds: a positive number, or None if optional."""
+    if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        off = ", or None to turn it off" if optional else ""
         raise ValueError(
-            f"{name!r} is a positive number of seconds, or None to turn it off"
-            f" (got {value!r})."
+            f"{name!r} is a positive number of seconds{off} (got {value!r})."
         )
     return float(value)
 

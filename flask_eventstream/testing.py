@@ -33,14 +33,10 @@ __all__ = ["parse", "read_events"]
 _END = object()
 
 
+# Pulls a streaming response's body in a thread of its own: reading in the
+# test's thread could block for as long as the stream is silent. One reader
+# serves every read_events call on a response, so no chunk is read twice.
 class _Reader:
-    """Pulls a streaming response's body in a thread of its own.
-
-    Reading in the test's thread could block for as long as the stream is
-    silent; the thread lets every read have a deadline. One reader serves
-    every ``read_events`` call on a response, so no chunk is read twice.
-    """
-
     def __init__(self, body: cabc.Iterable[bytes]) -> None:
         self.chunks: queue.Queue[t.Any] = queue.Queue()
         self.events: list[Event] = []

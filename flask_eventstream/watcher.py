@@ -1,16 +1,11 @@
-"""One watcher per process for every open stream.
+"""One watcher per process, a greenlet or thread, for every open stream.
 
-A stream spends its life waiting for something to send, so it does not read
-its socket and would only learn that the client left at its next write. The
-watcher holds the sockets of all open streams in one epoll set, registered
-for peer hang-up only, and wakes a stream whose client has gone. On each tick
-it also ends streams whose write has made no progress for their send timeout,
-and ends every stream once the gunicorn worker has been told to stop, so
-clients reconnect to a live worker instead of waiting out the graceful
-timeout.
-
-It is one greenlet (or thread) for the whole process, running only while
-streams are open.
+A stream does not read its socket, so it would learn that its client left
+only at its next write. The watcher holds the sockets of all open streams in
+one epoll set, for peer hang-up only, and interrupts a stream whose client
+has gone. Each tick it also cuts streams whose client took nothing for their
+send timeout, and interrupts every stream once the gunicorn worker is told
+to stop, so clients reconnect to a live worker at once.
 """
 
 from __future__ import annotations
@@ -22,9 +17,11 @@ import select
 import signal
 import socket
 import sys
-import threading
 import time
 import typing as t
+
+from .concurrency import epoll
+from .concurrency import os_lock
 
 if t.TYPE_CHECKING:
     from .concurrency import Backend
@@ -33,6 +30,12 @@ logger = logging.getLogger(__name__)
 
 #: How often stalled writes and worker shutdown are checked.
 TICK_SECONDS = 0.5
+#: The watch loop pauses a tick more after each failed tick, up to this many.
+MAX_BACKOFF_TICKS = 10
+#: The grain of the send timeout: a body hands its server at most this much
+#: at once, and a socket holds at most this much unsent (see ``Watcher.add``),
+#: so a client that takes this much within the timeout keeps its stream.
+SEND_SLICE_BYTES = 64 * 1024
 
 
 class Watched(t.Protocol):
@@ -42,19 +45,16 @@ class Watched(t.Protocol):
     send_timeout: float | None
     writing_since: float | None
 
-    def abort(self) -> None:
+    def interrupt(self) -> None:
         """End the stream at its next wake-up; never block."""
 
 
 class Watcher:
-    """Watches the streams of one process.
-
-    :param backend: where the watch loop runs.
-    """
+    """Watches the streams of one process; ``backend`` runs the loop."""
 
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
-        self._lock = threading.Lock()
+        self._lock = os_lock()
         # Each stream with the descriptor it was registered under, kept
         # because the server may have closed the socket by the time the
         # stream is discarded.
@@ -77,11 +77,19 @@ class Watcher:
                 self._poller = None
                 self._pid = os.getpid()
             if self._poller is None:
-                self._poller = self._backend.poller()
+                self._poller = epoll()
                 self._worker = _gunicorn_worker()
-                self._backend.spawn(self._run)
+                self._backend.spawn(self._run, "eventstream-watcher")
             fd = _fileno(stream.socket)
             if fd is not None:
+                # A blocked send wakes only once a third of the send buffer
+                # (which grows to megabytes) is free, so a slow reader could
+                # take data for longer than the send timeout before its send
+                # sees progress; little unsent data makes it wake per slice.
+                with contextlib.suppress(OSError):
+                    t.cast(socket.socket, stream.socket).setsockopt(
+                        socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, SEND_SLICE_BYTES
+                    )
                 try:
                     self._poller.register(fd, select.EPOLLRDHUP)
                 except FileExistsError:
@@ -105,6 +113,7 @@ class Watcher:
                 self._poller.unregister(fd)
 
     def _run(self) -> None:
+        backoff = 0
         while True:
             with self._lock:
                 poller = self._poller
@@ -115,10 +124,14 @@ class Watcher:
                     return
             try:
                 self._tick(poller)
+                backoff = 0
             except Exception:
-                # The loop serves every stream of the process; it must not
-                # die of one odd socket.
+                # The loop serves every stream of the process: it must not
+                # die of one odd socket, nor spin on a fault that stays. The
+                # backend's event sleeps right whatever gevent has patched.
+                backoff = min(backoff + 1, MAX_BACKOFF_TICKS)
                 logger.exception("The event stream watcher failed a tick.")
+                self._backend.event().wait(backoff * TICK_SECONDS)
 
     def _tick(self, poller: select.epoll) -> None:
         self._backend.wait_readable(poller.fileno(), TICK_SECONDS)
@@ -132,7 +145,7 @@ class Watcher:
                     hung_up.append(stream)
             streams = list(self._streams)
         for stream in hung_up:
-            stream.abort()
+            stream.interrupt()
         self._check(streams)
 
     def _check(self, streams: list[Watched]) -> None:
@@ -140,10 +153,12 @@ class Watcher:
         now = time.monotonic()
         for stream in streams:
             if stopping:
-                stream.abort()
+                stream.interrupt()
                 continue
             since, limit = stream.writing_since, stream.send_timeout
             if since is not None and limit is not None and now - since > limit:
+                # Once: the server may take a tick to close the response.
+                self.discard(stream)
                 _cut(stream)
 
 
@@ -158,20 +173,22 @@ def _fileno(sock: socket.socket | None) -> int | None:
 
 
 def _cut(stream: Watched) -> None:
-    # Shutting the socket down fails the server's blocked send at once, and
-    # the server then closes the response, which closes the generator.
-    stream.abort()
-    if stream.socket is not None:
-        with contextlib.suppress(OSError):
-            stream.socket.shutdown(socket.SHUT_RDWR)
+    logger.info("A client took nothing for %s s; stream ended.", stream.send_timeout)
+    stream.interrupt()
+    # Shutting the socket down fails the server's blocked send with EPIPE,
+    # which servers take for a client that left, and the server then closes
+    # the response, which closes the generator. It is done through a socket
+    # object of its own on a duplicate descriptor: the server's own object,
+    # under gevent, would also cancel the send's wait with EBADF, which
+    # gunicorn logs as an error, with a traceback.
+    if (fd := _fileno(stream.socket)) is not None:
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as dup:
+            dup.shutdown(socket.SHUT_RDWR)
 
 
 def _gunicorn_worker() -> t.Any:
-    """Return the gunicorn worker of this process, or None.
-
-    gunicorn's SIGTERM handler is a bound method of the worker, and the
-    worker's ``alive`` flag turns false when a graceful stop begins.
-    """
+    # gunicorn's SIGTERM handler is a bound method of the worker, whose
+    # ``alive`` flag turns false when a graceful stop begins.
     base = sys.modules.get("gunicorn.workers.base")
     if base is None:
         return None

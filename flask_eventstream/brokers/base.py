@@ -1,23 +1,24 @@
-"""What every broker shares: ids, subscriptions and in-process fan-out.
+"""What every broker shares: ids, messages and the broker interface.
 
-A broker stores events, gives them ids that order them, and hands each one
-to the subscriptions of its channel in this process. An event is encoded
-once, as a :class:`Message`; every subscriber's queue holds a reference to
-the same bytes.
+A broker composes :attr:`Broker.fanout`, the registry of this process's
+subscriptions, with a store that keeps history and orders events: in
+memory, or in Redis with a reader of its own. An event is encoded once, as
+a :class:`Message`; every subscriber's queue holds the same bytes.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import heapq
 import re
-import threading
+import time
 import typing as t
 
 from ..concurrency import current_backend
-from ..concurrency import Mailbox
-from ..concurrency import StreamSource
 from ..event import Event
+from .fanout import FanOut
+from .fanout import Subscription
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
@@ -26,10 +27,12 @@ if t.TYPE_CHECKING:
 
 #: The event type that tells a client it missed events it cannot get back.
 RESET_EVENT = "eventstream.reset"
-#: How many replayed events go out in one write.
-BACKLOG_BATCH = 256
+#: How long a channel's history is kept after its last event, by default.
+DEFAULT_HISTORY_TTL_SECONDS = 86400.0
 
-_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
+# ASCII digits only: other Unicode digits are not a broker's id, and Redis
+# would refuse them.
+_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 _CHANNEL = re.compile(r"[A-Za-z0-9._:-]{1,200}")
 
 
@@ -41,10 +44,9 @@ class BrokerError(Exception):
 
 
 def parse_id(value: str) -> tuple[int, int]:
-    """Return the order of an event id of the form ``<milliseconds>-<seq>``.
+    """Return the order of an id the broker issued, ``<milliseconds>-<seq>``.
 
-    :param value: an id the broker issued, e.g. from ``Last-Event-ID``.
-    :raises ValueError: if it is not such an id.
+    :raises ValueError: if ``value`` is not such an id.
     """
     match = _ID.fullmatch(value)
     # Each part is an unsigned 64-bit number, as in Redis.
@@ -79,138 +81,31 @@ class Message:
         return cls(event, event.encode(), order)
 
 
-def reset_message(last_event_id: str) -> Message:
-    """The message that tells a client ``last_event_id`` cannot be resumed.
+def replay(
+    last_id: str, runs: cabc.Iterable[list[Message]], lost: bool
+) -> list[Message]:
+    """Merge the channels' ``runs`` in id order, after a reset if ``lost``.
 
-    It carries data because browsers never dispatch an event without it.
+    The reset names the id and carries it as data, because browsers never
+    dispatch an event without data.
     """
-    return Message.of(Event(last_event_id, event=RESET_EVENT))
+    backlog = list(heapq.merge(*runs, key=lambda m: m.order))
+    if lost:
+        backlog.insert(0, Message.of(Event(last_id, event=RESET_EVENT)))
+    return backlog
 
 
-class Subscription(StreamSource):
-    """One client's subscription to some channels.
+def expired(after: tuple[int, int], ttl: float) -> bool:
+    """Whether history after ``after`` may have been dropped for its age.
 
-    Events are queued from the moment it is started (the broker starts it
-    in :meth:`Broker.subscribe`), so nothing published after a client is
-    subscribed can be missed, even before the first byte is streamed.
-    Returned from a ``@stream_events`` view it feeds the response directly,
-    with no producer of its own; iterated, it yields
-    :class:`~flask_eventstream.Event` objects. It must be closed.
-
-    :param broker: the broker to attach to.
-    :param channels: the channel names.
-    :param last_event_id: replay events after this id first.
-    :param queue_size: how far the client may fall behind before it is
-        disconnected.
-    :param on_close: called once when the subscription is closed.
-
-    .. versionadded:: 0.1
+    A channel without history had no event for ``ttl`` seconds: an id
+    younger than that proves nothing was missed, an older one cannot.
     """
-
-    def __init__(
-        self,
-        broker: Broker,
-        channels: cabc.Sequence[str],
-        last_event_id: str | None,
-        queue_size: int,
-        on_close: cabc.Callable[[], None] | None = None,
-    ) -> None:
-        self.broker = broker
-        self.channels = tuple(channels)
-        self.last_event_id = last_event_id
-        #: True if the client fell ``queue_size`` events behind.
-        self.overflowed = False
-        # Live events up to this order were seen by the client already.
-        self._skip: tuple[int, int] | None = None
-        self._queue_size = queue_size
-        self._on_close = on_close
-        self._backlog: list[Message] = []
-        self._mailbox: Mailbox[Message] | None = None
-        self._closed = False
-
-    def start(self, backend: Backend) -> None:
-        if self._mailbox is not None or self._closed:
-            return
-        self._mailbox = Mailbox(backend, self._queue_size)
-        self._backlog = self.broker.attach(self)
-        self._backlog.reverse()
-
-    def deliver(self, message: Message) -> bool:
-        """Queue ``message``; False, and the stream ends, if it is full.
-
-        Called by the broker; never blocks.
-        """
-        assert self._mailbox is not None
-        if self._skip is not None:
-            if message.order <= self._skip:
-                return True
-            self._skip = None
-        if self._mailbox.offer(message):
-            return True
-        # Waiting would let one slow client hold up every publisher; the
-        # client reconnects and catches up from history instead.
-        self.overflowed = True
-        self._mailbox.close()
-        return False
-
-    def skip_through(self, order: tuple[int, int]) -> None:
-        """Drop live events up to ``order``: the client has them already.
-
-        For a broker whose live feed can lag behind ids that clients hold,
-        such as a worker whose reader has not reached an id that another
-        worker delivered.
-        """
-        self._skip = order
-
-    def take(self, timeout: float | None) -> list[bytes]:
-        assert self._mailbox is not None
-        if self._backlog:
-            batch = self._backlog[-BACKLOG_BATCH:]
-            del self._backlog[-BACKLOG_BATCH:]
-            return [m.data for m in reversed(batch)]
-        # Waited for first: a comprehension around the call would hold its
-        # function object alive through the wait.
-        messages = self._mailbox.take(timeout)
-        return [m.data for m in messages]
-
-    @property
-    def drained(self) -> bool:
-        return not self._backlog and (self._mailbox is None or self._mailbox.drained)
-
-    def interrupt(self) -> None:
-        if self._mailbox is not None:
-            self._mailbox.close()
-
-    def close(self) -> None:
-        """Unsubscribe, end the stream and free the connection slot."""
-        if self._closed:
-            return
-        self._closed = True
-        self.interrupt()
-        if self._mailbox is not None:
-            self.broker.detach(self)
-        if self._on_close is not None:
-            self._on_close()
-
-    def __iter__(self) -> cabc.Iterator[Event]:
-        self.start(current_backend())
-        if self._mailbox is None:
-            return
-        try:
-            while self._backlog:
-                yield self._backlog.pop().event
-            while not self._mailbox.drained:
-                for message in self._mailbox.take(None):
-                    yield message.event
-        finally:
-            self.close()
+    return after[0] < (time.time() - ttl) * 1000
 
 
 class Broker(abc.ABC):
     """Stores events and fans them out to this process's subscriptions.
-
-    Subclasses store and order events; this class keeps the subscriptions
-    and hands each message to those of its channel.
 
     .. versionadded:: 0.1
     """
@@ -220,26 +115,19 @@ class Broker(abc.ABC):
     shared: t.ClassVar[bool] = False
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._subscribers: dict[str, set[Subscription]] = {}
-        self._count = 0
+        self.fanout = FanOut()
 
     @abc.abstractmethod
     def publish(self, channel: str, event: Event) -> str:
         """Store ``event`` on ``channel``, deliver it, return its id.
 
-        :param channel: a valid channel name.
-        :param event: the event; its ``id`` is assigned unless set.
         :raises BrokerError: if the broker cannot be reached.
         """
 
     @abc.abstractmethod
     def attach(self, subscription: Subscription) -> list[Message]:
-        """Register ``subscription``; return what it must replay first.
-
-        Replay and registration happen as one step, so nothing published
-        meanwhile is missed or sent twice.
-        """
+        """Register ``subscription``; return what it must replay first, up
+        to where its live events start."""
 
     def subscribe(
         self,
@@ -250,10 +138,10 @@ class Broker(abc.ABC):
         on_close: cabc.Callable[[], None] | None = None,
         backend: Backend | None = None,
     ) -> Subscription:
-        """Subscribe to ``channels``, replaying after ``last_event_id``.
+        """Subscribe to ``channels``: events are queued from now on.
 
-        :param channels: valid channel names.
-        :param last_event_id: an id this broker issued, or None.
+        :param last_event_id: replay after this id; one the broker cannot
+            resume from gets an ``eventstream.reset`` event first.
         :param queue_size: how far the subscriber may fall behind.
         :param on_close: called once when the subscription is closed.
         :param backend: where the subscriber waits; by default the one that
@@ -265,45 +153,16 @@ class Broker(abc.ABC):
 
     def detach(self, subscription: Subscription) -> None:
         """Stop delivering to ``subscription``."""
-        with self._lock:
-            self._remove(subscription)
+        with self.fanout.lock:
+            self.fanout.remove(subscription)
 
     def stats(self) -> dict[str, t.Any]:
         """Open subscriptions in this process, in all and per channel."""
-        with self._lock:
-            channels = {name: len(subs) for name, subs in self._subscribers.items()}
-            return {"subscriptions": self._count, "channels": channels}
+        with self.fanout.lock:
+            return self.fanout.stats()
 
     def close(self) -> None:
-        """End every subscription and release what the broker holds."""
-        with self._lock:
-            subs = {sub for subs in self._subscribers.values() for sub in subs}
-        for sub in subs:
-            sub.interrupt()
-
-    def _add(self, subscription: Subscription) -> None:
-        # Callers hold the lock.
-        self._count += 1
-        for channel in subscription.channels:
-            self._subscribers.setdefault(channel, set()).add(subscription)
-
-    def _remove(self, subscription: Subscription) -> None:
-        # Callers hold the lock.
-        found = False
-        for channel in subscription.channels:
-            subs = self._subscribers.get(channel)
-            if subs is not None and subscription in subs:
-                found = True
-                subs.discard(subscription)
-                if not subs:
-                    del self._subscribers[channel]
-        self._count -= found
-
-    def _fan_out(self, channel: str, message: Message) -> None:
-        # Callers hold the lock, so deliveries keep the order of ids.
-        subs = self._subscribers.get(channel)
-        if not subs:
-            return
-        full = [sub for sub in subs if not sub.deliver(message)]
-        for sub in full:
-            self._remove(sub)
+        """End every stream (clients reconnect and replay) and release what
+        the broker holds."""
+        with self.fanout.lock:
+            self.fanout.end_all()

@@ -4,101 +4,136 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import heapq
 import time
 import typing as t
 
 from .base import Broker
+from .base import DEFAULT_HISTORY_TTL_SECONDS
+from .base import expired
 from .base import Message
 from .base import parse_id
-from .base import reset_message
+from .base import replay
 
 if t.TYPE_CHECKING:
     from ..event import Event
-    from .base import Subscription
+    from .fanout import Subscription
+
+
+class _History:
+    __slots__ = ("evicted", "messages", "touched")
+
+    def __init__(self, size: int) -> None:
+        self.messages: collections.deque[Message] = collections.deque(maxlen=size)
+        # The newest event that the channel's history no longer holds.
+        self.evicted = (0, 0)
+        self.touched = time.monotonic()
+
+
+class MemoryStore:
+    """History per channel, dropped after ``ttl`` seconds without an event.
+
+    Ids are ``<milliseconds>-<seq>`` from the clock, so they keep increasing
+    across restarts and an old id never names a new event.
+    """
+
+    def __init__(self, history: int, ttl: float) -> None:
+        self.history = history
+        self.ttl = ttl
+        # In the order of their last event, so the quiet ones come first.
+        self._channels: dict[str, _History] = {}
+        self._started = (int(time.time() * 1000), 0)
+        # Just below the first id this store may issue.
+        self._last = (self._started[0], -1)
+
+    def append(self, channel: str, event: Event) -> Message:
+        """Store ``event``, giving it an id unless it has one."""
+        ms, seq = self._last
+        if event.id is None:
+            now = int(time.time() * 1000)
+            order = (now, 0) if now > ms else (ms, seq + 1)
+            event = dataclasses.replace(event, id=f"{order[0]}-{order[1]}")
+        elif (order := parse_id(event.id)) <= self._last:
+            raise ValueError(
+                f"An event id must be at least {ms}-{seq + 1}, after every id"
+                f" this broker issued; got {event.id!r}. Leave 'id' out to have"
+                " one assigned."
+            )
+        self._last = order
+        self._drop_quiet()
+        kept = self._channels.pop(channel, _History(self.history))
+        self._channels[channel] = kept
+        kept.touched = time.monotonic()
+        if len(kept.messages) == self.history:
+            kept.evicted = kept.messages[0].order
+        message = Message.of(event, order)
+        kept.messages.append(message)
+        return message
+
+    def read_after(self, channels: tuple[str, ...], last_id: str) -> list[Message]:
+        """Events of ``channels`` after ``last_id``, after a reset if some
+        are gone or the id is not one this store can resume from."""
+        try:
+            after = parse_id(last_id)
+        except ValueError:
+            return replay(last_id, [], lost=True)
+        self._drop_quiet()
+        kept = [self._channels.get(ch) for ch in channels]
+        lost = (
+            not self._started <= after <= self._last
+            or any(h is None and expired(after, self.ttl) for h in kept)
+            or any(h is not None and h.evicted > after for h in kept)
+        )
+        runs = [_newer(h.messages, after) for h in kept if h is not None]
+        return replay(last_id, runs, lost)
+
+    def _drop_quiet(self) -> None:
+        horizon = time.monotonic() - self.ttl
+        while self._channels:
+            channel, oldest = next(iter(self._channels.items()))
+            if oldest.touched >= horizon:
+                return
+            del self._channels[channel]
+
+
+def _newer(
+    messages: collections.deque[Message], after: tuple[int, int]
+) -> list[Message]:
+    newer = []
+    for message in reversed(messages):
+        if message.order <= after:
+            break
+        newer.append(message)
+    newer.reverse()
+    return newer
 
 
 class MemoryBroker(Broker):
     """Keeps history in memory and delivers within one process.
 
-    Ids are ``<milliseconds>-<seq>``, from the clock, so they keep
-    increasing across restarts and an old id never names a new event. A
-    client that comes back with an id this broker cannot resume from (older
-    than history, or from before it started) gets an ``eventstream.reset``
-    event first.
-
     :param history: events kept per channel for replay.
+    :param history_ttl: seconds the history of a quiet channel is kept.
 
     .. versionadded:: 0.1
     """
 
-    def __init__(self, history: int = 1000) -> None:
+    def __init__(
+        self, history: int = 1000, history_ttl: float = DEFAULT_HISTORY_TTL_SECONDS
+    ) -> None:
         super().__init__()
-        self.history = history
-        self._channels: dict[str, collections.deque[Message]] = {}
-        # Per channel, the newest event that history no longer holds.
-        self._evicted: dict[str, tuple[int, int]] = {}
-        self._started = (int(time.time() * 1000), 0)
-        # Just below the first id this broker may issue.
-        self._last = (self._started[0], -1)
+        self.store = MemoryStore(history, history_ttl)
 
     def publish(self, channel: str, event: Event) -> str:
-        with self._lock:
-            if event.id is None:
-                order = self._next_order()
-                event = dataclasses.replace(event, id=f"{order[0]}-{order[1]}")
-            else:
-                order = parse_id(event.id)
-                if order <= self._last:
-                    ms, seq = self._last
-                    floor = f"{ms}-{seq + 1}"
-                    raise ValueError(
-                        f"An event id must be at least {floor}, after every id"
-                        f" this broker issued; got {event.id!r}. Leave 'id' out"
-                        " to have one assigned."
-                    )
-            self._last = order
-            message = Message.of(event, order)
-            kept = self._channels.get(channel)
-            if kept is None:
-                kept = self._channels[channel] = collections.deque(maxlen=self.history)
-            if len(kept) == self.history:
-                self._evicted[channel] = kept[0].order
-            kept.append(message)
-            self._fan_out(channel, message)
-        assert event.id is not None
-        return event.id
+        # Stored and delivered in one step, so deliveries keep the order of
+        # ids and a new subscriber's replay ends where its live events start.
+        with self.fanout.lock:
+            message = self.store.append(channel, event)
+            self.fanout.deliver(channel, message)
+        return t.cast(str, message.event.id)
 
     def attach(self, subscription: Subscription) -> list[Message]:
         last_id = subscription.last_event_id
-        with self._lock:
-            backlog = [] if last_id is None else self._replay(subscription, last_id)
-            self._add(subscription)
-        return backlog
-
-    def _replay(self, subscription: Subscription, last_id: str) -> list[Message]:
-        after = parse_id(last_id)
-        lost = (
-            after < self._started
-            or after > self._last
-            or any(
-                self._evicted.get(ch, (0, 0)) > after for ch in subscription.channels
-            )
-        )
-        runs = [self._newer(ch, after) for ch in subscription.channels]
-        backlog = list(heapq.merge(*runs, key=lambda m: m.order))
-        return [reset_message(last_id), *backlog] if lost else backlog
-
-    def _newer(self, channel: str, after: tuple[int, int]) -> list[Message]:
-        newer = []
-        for message in reversed(self._channels.get(channel, ())):
-            if message.order <= after:
-                break
-            newer.append(message)
-        newer.reverse()
-        return newer
-
-    def _next_order(self) -> tuple[int, int]:
-        now = int(time.time() * 1000)
-        ms, seq = self._last
-        return (now, 0) if now > ms else (ms, seq + 1)
+        with self.fanout.lock:
+            self.fanout.add(subscription)
+            if last_id is None:
+                return []
+            return self.store.read_after(subscription.channels, last_id)

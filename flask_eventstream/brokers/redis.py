@@ -1,29 +1,25 @@
 """The Redis broker: any number of workers and hosts share one Redis.
 
-Every event goes, in one atomic script, into two Redis streams: the app's
-stream of all events, which gives each event an id that orders it against
-every other, and its channel's stream, which keeps that channel's history
-for replay. Each worker process runs one reader that blocks on the stream of
-all events and fans each event out, encoded once, to the worker's own
-subscribers. A worker therefore holds two Redis connections whatever its
-number of clients: the reader's, and one shared by publish and replay.
+Every event goes, in one script, into two Redis streams: the app's stream of
+all events, which orders it against every other, and its channel's stream,
+which keeps that channel's history for replay. Each worker runs one
+:class:`~.reader.RedisReader`, which fans the stream of all events out to
+the worker's subscribers. A worker holds two Redis connections whatever its
+number of clients: the reader's, and one for publish and replay.
 """
 
 from __future__ import annotations
 
-import contextlib
-import heapq
 import json
-import logging
 import os
 import socket
-import time
 import typing as t
 import urllib.parse
 
 try:
     import redis
     from redis.backoff import NoBackoff
+    from redis.commands.core import Script
     from redis.retry import Retry
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -32,55 +28,204 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from ..concurrency import current_backend
 from ..event import data_text
-from ..event import Event
 from .base import Broker
 from .base import BrokerError
-from .base import Message
+from .base import DEFAULT_HISTORY_TTL_SECONDS
+from .base import expired
 from .base import parse_id
-from .base import reset_message
+from .base import replay
+from .fanout import FanOut
+from .reader import message
+from .reader import RedisReader
 
 if t.TYPE_CHECKING:
-    from .base import Subscription
+    from ..event import Event
+    from .base import Message
+    from .fanout import Subscription
 
-logger = logging.getLogger(__name__)
-
-#: How long the reader's XREAD blocks before it looks around.
-READ_BLOCK_MS = 1000
-#: How many events the reader takes from Redis at once.
-READ_COUNT = 1000
-#: The longest wait between reconnection attempts of the reader.
-MAX_BACKOFF_SECONDS = 5.0
-#: How often a worker refreshes its entry in ``flask eventstream stats``.
-HEARTBEAT_SECONDS = 5.0
-
-# One script, so an event is stored in full or not at all. The channel
-# stream reuses the id from the stream of all events, which is larger than
-# any earlier id of every channel. Both streams are trimmed exactly, and the
-# newest id each trim removed is kept in a hash: replay compares a client's
-# id with it to know whether the client missed events.
+# One script that makes every check before its first write, so an event is
+# stored whole or not at all. Its id is greater than the newest of both
+# streams: a channel stream can hold a greater id than the stream of all
+# events if that was deleted, or Redis's clock stepped back. Streams are
+# trimmed with XDEL, not MAXLEN, because then Redis keeps the newest id it
+# removed in the stream itself (max-deleted-entry-id), where replay and the
+# reader find it, whatever other key is lost.
 _PUBLISH = """
-local function add(key, field, maxlen, id, fields)
-  local length = redis.call('XLEN', key)
-  local gone = nil
-  if length >= maxlen then
-    local old = redis.call('XRANGE', key, '-', '+', 'COUNT', length - maxlen + 1)
-    gone = old[#old][1]
-  end
-  -- XADD checks a given id first: a refused one stops the script here,
-  -- before anything is written.
-  local new = redis.call('XADD', key, 'MAXLEN', maxlen, id, unpack(fields))
-  if gone then redis.call('HSET', KEYS[3], field, gone) end
-  if length == 0 and field == '*' then
-    redis.call('SET', KEYS[4], new, 'NX')
-  end
-  return new
+local function newest(key)
+  local entry = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
+  return entry and entry[1] or '0-0'
+end
+local function before(a, b)
+  local am, as = string.match(a, '(%d+)-(%d+)')
+  local bm, bs = string.match(b, '(%d+)-(%d+)')
+  if am ~= bm then return #am < #bm or (#am == #bm and am < bm) end
+  return #as < #bs or (#as == #bs and as < bs)
 end
 local fields = {'c', ARGV[1]}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-local id = add(KEYS[1], '*', tonumber(ARGV[2]), ARGV[3], fields)
-add(KEYS[2], ARGV[1], tonumber(ARGV[4]), id, fields)
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+local all, channel = newest(KEYS[1]), newest(KEYS[2])
+local keys, lengths, id = {KEYS[1], KEYS[2]}, {ARGV[2], ARGV[4]}, ARGV[3]
+if id ~= '*' then
+  if not (before(all, id) and before(channel, id)) then
+    return redis.error_reply('ID given is not after the newest id of its streams')
+  end
+elseif before(all, channel) then
+  -- The channel stream gives the id: the next after its newest.
+  id = string.match(channel, '%d+') .. '-*'
+  keys, lengths = {KEYS[2], KEYS[1]}, {ARGV[4], ARGV[2]}
+end
+local function add(key, length, id)
+  id = redis.call('XADD', key, id, unpack(fields))
+  local over = redis.call('XLEN', key) - tonumber(length)
+  if over > 0 then
+    for _, entry in ipairs(redis.call('XRANGE', key, '-', '+', 'COUNT', over)) do
+      redis.call('XDEL', key, entry[1])
+    end
+  end
+  return id
+end
+id = add(keys[1], lengths[1], id)
+add(keys[2], lengths[2], id)
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('SET', KEYS[3], id, 'NX')
 return id
 """
+
+
+class RedisStore:
+    """History in Redis Streams under ``prefix``, ``history`` events per
+    channel for ``ttl`` seconds after the last, on the commands connection."""
+
+    def __init__(self, url: str, history: int, prefix: str, ttl: float) -> None:
+        self.url = url
+        self.history = history
+        self.prefix = prefix
+        self.ttl = ttl
+        #: The stream of all events: it orders them and feeds the readers.
+        self.all = f"{prefix}:all"
+        # The first id this Redis issued for the app: an older one comes
+        # from history that Redis lost (a restart without persistence).
+        self._first = f"{prefix}:first"
+        # It only feeds readers, which keep up, but a reader back from a
+        # Redis outage resumes from it.
+        self.all_length = max(10 * history, 10_000)
+        self._client: tuple[int, redis.Redis] | None = None
+        self._publish = Script(None, _PUBLISH.encode())  # type: ignore[arg-type]
+
+    def append(self, channel: str, event: Event) -> str:
+        """Store ``event`` on ``channel`` and return its id."""
+        # Written as Redis writes ids, so that the script compares them.
+        given = "*" if event.id is None else "{}-{}".format(*parse_id(event.id))
+        fields = [] if event.data is None else ["d", data_text(event.data)]
+        if event.event is not None:
+            fields += ["e", event.event]
+        if event.retry is not None:
+            fields += ["r", str(event.retry)]
+        keys = [self.all, f"{self.prefix}:channel:{channel}", self._first]
+        ttl_ms = max(1, int(self.ttl * 1000))
+        args: list[t.Any] = [channel, self.all_length, given, self.history, ttl_ms]
+        try:
+            return t.cast(str, self._publish(keys, args + fields, self.commands()))
+        except redis.ResponseError as e:
+            if event.id is not None and "ID" in str(e):
+                raise ValueError(
+                    f"An event id must be greater than the last one issued; got"
+                    f" {event.id!r} ({e}). Leave 'id' out to have one assigned."
+                ) from None
+            raise BrokerError(f"Redis refused the event: {e}") from e
+        except redis.RedisError as e:
+            raise self.unreachable("publish", e) from e
+
+    def newest(self) -> str:
+        """The newest id of the stream of all events ("0-0" for none)."""
+        try:
+            info = self.commands().xinfo_stream(self.all)
+        except redis.ResponseError:
+            return "0-0"
+        except redis.RedisError as e:
+            raise self.unreachable("subscribe", e) from e
+        return t.cast(str, info["last-generated-id"])
+
+    def read_after(
+        self, channels: tuple[str, ...], last_id: str, until: str
+    ) -> list[Message]:
+        """Events of ``channels`` after ``last_id`` up to ``until``, after a
+        reset if some are gone or the id is not one Redis issued."""
+        try:
+            after = parse_id(last_id)
+        except ValueError:
+            return replay(last_id, [], lost=True)
+        pipe = self.commands().pipeline(transaction=False)
+        for channel in channels:
+            key = f"{self.prefix}:channel:{channel}"
+            pipe.xrange(key, min=f"({after[0]}-{after[1]}", max=until)
+            pipe.xinfo_stream(key)
+        pipe.get(self._first)
+        pipe.xinfo_stream(self.all)
+        try:
+            *replies, first, info = pipe.execute(raise_on_error=False)
+        except redis.RedisError as e:
+            raise self.unreachable("replay", e) from e
+        runs, infos = replies[0::2], replies[1::2]
+        for reply in (*runs, first):
+            if isinstance(reply, Exception):
+                raise self.unreachable("replay", reply)
+        # No stream of all events yet: nothing was ever issued.
+        newest = "0-0" if isinstance(info, Exception) else info["last-generated-id"]
+        lost = (
+            after > parse_id(newest)
+            or (first is not None and after < parse_id(first))
+            # A channel without a stream never had an event, or none for ttl.
+            or any(
+                expired(after, self.ttl)
+                if isinstance(i, Exception)
+                else parse_id(i["max-deleted-entry-id"]) > after
+                for i in infos
+            )
+        )
+        return replay(last_id, [[message(*entry) for entry in r] for r in runs], lost)
+
+    def overtaken(self, connection: redis.Redis, position: str) -> bool:
+        """Whether trimming removed events after ``position`` unread."""
+        gone = connection.xinfo_stream(self.all).get("max-deleted-entry-id")
+        return parse_id(bytes(gone or b"0-0").decode()) > parse_id(position)
+
+    def connect(self, role: str, **options: t.Any) -> redis.Redis:
+        """A connection of this worker, named for ``CLIENT LIST``."""
+        return redis.Redis(
+            connection_pool=redis.BlockingConnectionPool.from_url(
+                self.url,
+                # Waited for, never a second connection.
+                max_connections=1,
+                timeout=10,
+                socket_connect_timeout=5,
+                client_name=f"eventstream:{role}:{socket.gethostname()}:{os.getpid()}",
+                # Not retried: a publish retried after a lost reply would be
+                # stored twice, and the reader has a backoff of its own.
+                retry=Retry(NoBackoff(), 0),
+                **options,
+            )
+        )
+
+    def commands(self) -> redis.Redis:
+        """The worker's connection for publish, replay and ``stats``, made in
+        the worker itself (even when the app was loaded before fork)."""
+        if self._client is None or self._client[0] != os.getpid():
+            client = self.connect("commands", decode_responses=True, socket_timeout=10)
+            self._client = (os.getpid(), client)
+        return self._client[1]
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client[1].connection_pool.disconnect()
+
+    def unreachable(self, action: str, error: Exception) -> BrokerError:
+        parts = urllib.parse.urlsplit(self.url)
+        where = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
+        return BrokerError(
+            f"Could not {action}: Redis at {where} did not answer ({error})."
+            " Is redis-server running and reachable?"
+        )
 
 
 class RedisBroker(Broker):
@@ -90,324 +235,99 @@ class RedisBroker(Broker):
     :param history: events kept per channel for replay.
     :param prefix: the start of every key this broker uses, so several apps
         can share one Redis database.
+    :param history_ttl: seconds the history of a quiet channel is kept.
 
     .. versionadded:: 0.1
     """
 
     shared = True
 
-    def __init__(self, url: str, *, history: int = 1000, prefix: str = "eventstream"):
+    def __init__(
+        self,
+        url: str,
+        *,
+        history: int = 1000,
+        prefix: str = "eventstream",
+        history_ttl: float = DEFAULT_HISTORY_TTL_SECONDS,
+    ):
         super().__init__()
-        self.url = url
-        self.history = history
-        self.prefix = prefix
-        self._all = f"{prefix}:all"
-        # Per channel (and "*" for the stream of all events), the newest id
-        # that trimming removed.
-        self._trimmed = f"{prefix}:trimmed"
-        # The first id this Redis ever issued for the app: an id older than
-        # it comes from history that Redis lost (a restart without
-        # persistence, a flush).
-        self._first = f"{prefix}:first"
-        # The stream of all events only feeds readers, which keep up, but a
-        # reader back from a Redis outage resumes from it.
-        self._all_length = max(10 * history, 10_000)
-        self._commands_for: tuple[int, redis.Redis, t.Any] | None = None
-        # The reader's position in the stream of all events: everything up to
-        # it has been fanned out. None while no reader runs.
-        self._cursor: str | None = None
+        self.store = RedisStore(url, history, prefix, history_ttl)
+        self.reader = RedisReader(self.store, self)
         self._pid = os.getpid()
-        self._closed = False
 
     def publish(self, channel: str, event: Event) -> str:
-        if event.id is not None:
-            parse_id(event.id)
-        fields = []
-        if event.data is not None:
-            fields += ["d", data_text(event.data)]
-        if event.event is not None:
-            fields += ["e", event.event]
-        if event.retry is not None:
-            fields += ["r", str(event.retry)]
-        try:
-            return t.cast(
-                str,
-                self._publish_script()(
-                    keys=[
-                        self._all,
-                        self._channel_key(channel),
-                        self._trimmed,
-                        self._first,
-                    ],
-                    args=[
-                        channel,
-                        self._all_length,
-                        event.id or "*",
-                        self.history,
-                        *fields,
-                    ],
-                ),
-            )
-        except redis.ResponseError as e:
-            if event.id is not None and "ID" in str(e):
-                raise ValueError(
-                    f"An event id must be greater than the last one issued; got"
-                    f" {event.id!r} ({e}). Leave 'id' out to have one assigned."
-                ) from None
-            raise BrokerError(f"Redis refused the event: {e}") from e
-        except redis.RedisError as e:
-            raise self._unreachable("publish", e) from e
+        # The commands connection belongs to the hub's thread under gevent.
+        return current_backend().call(lambda: self.store.append(channel, event))
 
     def attach(self, subscription: Subscription) -> list[Message]:
-        last = subscription.last_event_id
-        after = None if last is None else parse_id(last)
+        last_id = subscription.last_event_id
+        try:
+            after = parse_id(last_id or "0-0")
+        except ValueError:
+            after = (0, 0)  # Not an id Redis issued: replay resets it.
         # The newest id Redis has issued, fetched when it is needed: to start
         # the reader, or to learn whether a client is ahead of the reader.
         newest: str | None = None
         while True:
-            with self._lock:
-                self._forget_parent()
-                if self._cursor is None and newest is not None:
-                    self._cursor = newest
-                    current_backend().spawn(self._read)
-                cursor = self._cursor
-                ahead = (
-                    after is not None
-                    and cursor is not None
-                    and after > parse_id(cursor)
-                )
-                if cursor is not None and (not ahead or newest is not None):
+            with self.fanout.lock:
+                if self._pid != os.getpid():
+                    # A forked worker starts with no reader or subscribers.
+                    self._pid, self.fanout = os.getpid(), FanOut()
+                    self.reader = RedisReader(self.store, self)
+                if self.fanout.position is None and newest is not None:
+                    self.fanout.position = newest
+                    self.reader.start()
+                position = self.fanout.position
+                if position is not None and (
+                    after <= parse_id(position) or newest is not None
+                ):
                     # The client saw, on another worker, events this reader
                     # has yet to read: they must not come twice. (An id Redis
                     # never issued gets a reset instead.)
-                    if (
-                        ahead
-                        and after is not None
-                        and newest is not None
-                        and after <= parse_id(newest)
-                    ):
+                    if parse_id(position) < after <= parse_id(newest or "0-0"):
                         subscription.skip_through(after)
-                    # Live delivery starts after the reader's position, and
-                    # replay ends at it: one hand-over point, no gap.
-                    bound = cursor
-                    self._add(subscription)
+                    self.fanout.add(subscription)
                     break
-            try:
-                newest = self._newest_id()
-            except redis.RedisError as e:
-                raise self._unreachable("subscribe", e) from e
-        last_id = subscription.last_event_id
+            newest = current_backend().call(self.store.newest)
         if last_id is None:
             return []
         try:
-            return self._replay(subscription.channels, last_id, bound)
-        except redis.RedisError as e:
-            with self._lock:
-                self._remove(subscription)
-            raise self._unreachable("replay", e) from e
+            return current_backend().call(
+                lambda: self.store.read_after(subscription.channels, last_id, position)
+            )
+        except BrokerError:
+            self.detach(subscription)
+            raise
+
+    def deliver(self, messages: list[tuple[str, Message]], position: str) -> None:
+        """Fan ``messages`` out and move the hand-over point to ``position``,
+        in one step: a subscription attached next replays up to it."""
+        with self.fanout.lock:
+            for channel, message in messages:
+                self.fanout.deliver(channel, message)
+            self.fanout.position = position
+
+    def overtaken(self, position: str) -> None:
+        """Trimming passed the reader: end every stream and go on from
+        ``position``, in one step, so nobody attaches in between."""
+        with self.fanout.lock:
+            self.fanout.end_all()
+            self.fanout.position = position
 
     def cluster_stats(self) -> list[dict[str, t.Any]]:
-        """Every live worker's subscriptions, from their heartbeat keys.
+        """Every live worker's subscriptions, from the keys their readers keep.
 
         :raises BrokerError: if Redis cannot be reached.
         """
+        client = self.store.commands()
         try:
-            keys = sorted(self._commands().scan_iter(f"{self.prefix}:worker:*"))
-            values = self._commands().mget(keys) if keys else []
+            keys = sorted(client.scan_iter(f"{self.store.prefix}:worker:*"))
+            values = client.mget(keys) if keys else []
         except redis.RedisError as e:
-            raise self._unreachable("read stats", e) from e
+            raise self.store.unreachable("read stats", e) from e
         return [json.loads(v) for v in values if v]
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            reading = self._cursor is not None
         super().close()
-        if not reading:
-            self._disconnect()
-
-    def _disconnect(self) -> None:
-        # The client does not own a pool it was given: disconnect the pool.
-        if self._commands_for is not None:
-            self._commands_for[1].connection_pool.disconnect()
-
-    def _commands(self) -> redis.Redis:
-        """The worker's connection for publish and replay.
-
-        Made in the worker itself, so that its name in ``CLIENT LIST``
-        carries the worker's pid, even when the app was loaded before fork.
-        """
-        pid = os.getpid()
-        if self._commands_for is None or self._commands_for[0] != pid:
-            client = redis.Redis(
-                connection_pool=redis.BlockingConnectionPool.from_url(
-                    self.url,
-                    max_connections=1,
-                    timeout=10,
-                    decode_responses=True,
-                    socket_timeout=10,
-                    socket_connect_timeout=5,
-                    client_name=_client_name("commands"),
-                    # A publish is not retried: a retry after a reply was lost
-                    # would store the event twice. The caller gets
-                    # BrokerError and decides.
-                    retry=Retry(NoBackoff(), 0),
-                )
-            )
-            self._commands_for = (pid, client, client.register_script(_PUBLISH))
-        return self._commands_for[1]
-
-    def _publish_script(self) -> t.Any:
-        self._commands()
-        assert self._commands_for is not None
-        return self._commands_for[2]
-
-    def _channel_key(self, channel: str) -> str:
-        return f"{self.prefix}:channel:{channel}"
-
-    def _unreachable(self, action: str, error: Exception) -> BrokerError:
-        parts = urllib.parse.urlsplit(self.url)
-        where = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
-        return BrokerError(
-            f"Could not {action}: Redis at {where} did not answer ({error})."
-            " Is redis-server running and reachable?"
-        )
-
-    def _replay(
-        self, channels: tuple[str, ...], last_id: str, bound: str
-    ) -> list[Message]:
-        after = parse_id(last_id)
-        pipe = self._commands().pipeline(transaction=False)
-        for channel in channels:
-            pipe.xrange(self._channel_key(channel), min=f"({last_id}", max=bound)
-        pipe.hmget(self._trimmed, list(channels))
-        pipe.get(self._first)
-        pipe.xinfo_stream(self._all)
-        *runs, trimmed, first, info = pipe.execute(raise_on_error=False)
-        for result in (*runs, trimmed, first):
-            if isinstance(result, Exception):
-                raise result
-        # No stream of all events yet: nothing was ever issued.
-        newest = (0, 0) if isinstance(info, Exception) else _order(info)
-        messages = [
-            [_message(entry_id, fields) for entry_id, fields in run] for run in runs
-        ]
-        backlog = list(heapq.merge(*messages, key=lambda m: m.order))
-        lost = (
-            after > newest
-            or (first is not None and after < parse_id(first))
-            or any(gone is not None and parse_id(gone) > after for gone in trimmed)
-        )
-        return [reset_message(last_id), *backlog] if lost else backlog
-
-    def _forget_parent(self) -> None:
-        # A forked worker starts with no reader and no subscribers of its own.
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._cursor = None
-            self._subscribers.clear()
-            self._count = 0
-
-    def _newest_id(self) -> str:
-        try:
-            info = self._commands().xinfo_stream(self._all)
-        except redis.ResponseError:
-            return "0-0"
-        return t.cast(str, info["last-generated-id"])
-
-    def _read(self) -> None:
-        connection = redis.Redis.from_url(
-            self.url,
-            decode_responses=True,
-            socket_timeout=READ_BLOCK_MS / 1000 + 10,
-            socket_connect_timeout=5,
-            single_connection_client=True,
-            client_name=_client_name("reader"),
-            # The read loop has its own backoff.
-            retry=Retry(NoBackoff(), 0),
-        )
-        failures = 0
-        next_heartbeat = 0.0
-        heartbeat_key = f"{self.prefix}:worker:{socket.gethostname()}:{os.getpid()}"
-        try:
-            while True:
-                with self._lock:
-                    if self._closed or not self._count:
-                        # Nobody listens: stop, and start afresh when
-                        # someone does.
-                        self._cursor = None
-                        return
-                    cursor = self._cursor
-                assert cursor is not None
-                try:
-                    reply = connection.xread(
-                        {self._all: cursor}, count=READ_COUNT, block=READ_BLOCK_MS
-                    )
-                    overtaken = bool(reply) and self._overtaken(connection, cursor)
-                except redis.RedisError as e:
-                    failures += 1
-                    if failures == 1:
-                        logger.warning(
-                            "Lost Redis; live events wait until it is back: %s", e
-                        )
-                    time.sleep(min(0.1 * 2**failures, MAX_BACKOFF_SECONDS))
-                    continue
-                if failures:
-                    logger.warning("Redis is back after %d failed reads.", failures)
-                    failures = 0
-                if overtaken:
-                    # Trimming passed the reader (it fell further behind than
-                    # the stream of all events holds): the streams end, so
-                    # their clients replay or learn of the gap.
-                    logger.warning("The reader fell behind; ending streams.")
-                    super().close()
-                for _key, entries in t.cast("list[t.Any]", reply or []):
-                    self._deliver([] if overtaken else entries, entries[-1][0])
-                if time.monotonic() >= next_heartbeat:
-                    next_heartbeat = time.monotonic() + HEARTBEAT_SECONDS
-                    self._heartbeat(heartbeat_key)
-        finally:
-            connection.close()
-            with contextlib.suppress(redis.RedisError):
-                self._commands().delete(heartbeat_key)
-            if self._closed:
-                # close() left the shared connection to the reader.
-                self._disconnect()
-
-    def _deliver(self, entries: list[tuple[str, dict[str, str]]], last: str) -> None:
-        messages = [(fields.get("c", ""), _message(i, fields)) for i, fields in entries]
-        with self._lock:
-            for channel, message in messages:
-                self._fan_out(channel, message)
-            # In the same step as the fan-out: a subscription attached
-            # now replays up to here and is live after it.
-            if self._cursor is not None:
-                self._cursor = last
-
-    def _overtaken(self, connection: redis.Redis, cursor: str) -> bool:
-        gone = connection.hget(self._trimmed, "*")
-        return gone is not None and parse_id(str(gone)) > parse_id(cursor)
-
-    def _heartbeat(self, key: str) -> None:
-        value = {"host": socket.gethostname(), "pid": os.getpid(), **self.stats()}
-        with contextlib.suppress(redis.RedisError):
-            self._commands().set(key, json.dumps(value), ex=int(HEARTBEAT_SECONDS * 3))
-
-
-def _client_name(role: str) -> str:
-    return f"eventstream:{role}:{socket.gethostname()}:{os.getpid()}"
-
-
-def _order(info: dict[str, t.Any]) -> tuple[int, int]:
-    return parse_id(info.get("last-generated-id", "0-0"))
-
-
-def _message(entry_id: str, fields: dict[str, str]) -> Message:
-    retry = fields.get("r")
-    event = Event(
-        fields.get("d"),
-        event=fields.get("e"),
-        id=entry_id,
-        retry=int(retry) if retry is not None else None,
-    )
-    return Message.of(event, parse_id(entry_id))
+        self.reader.stop()
+        self.store.close()

@@ -1,0 +1,179 @@
+"""The fan-out registry: this process's subscriptions, per channel."""
+
+from __future__ import annotations
+
+import typing as t
+
+from ..concurrency import current_backend
+from ..concurrency import Mailbox
+from ..concurrency import os_lock
+from ..concurrency import StreamSource
+
+if t.TYPE_CHECKING:
+    import collections.abc as cabc
+
+    from ..concurrency import Backend
+    from ..event import Event
+    from .base import Broker
+    from .base import Message
+
+#: How many replayed events go out in one write.
+BACKLOG_BATCH = 256
+
+
+class Subscription(StreamSource):
+    """One client's subscription, from :meth:`Broker.subscribe`: returned
+    from a ``@stream_events`` view it feeds the response directly; iterated,
+    it yields :class:`~flask_eventstream.Event` objects. Its owner closes it.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        channels: cabc.Sequence[str],
+        last_event_id: str | None,
+        queue_size: int,
+        on_close: cabc.Callable[[], None] | None = None,
+    ) -> None:
+        self.broker = broker
+        self.channels = tuple(channels)
+        self.last_event_id = last_event_id
+        #: True if the client fell ``queue_size`` events behind.
+        self.overflowed = False
+        # Live events up to this order were seen by the client already.
+        self._skip: tuple[int, int] | None = None
+        self._queue_size = queue_size
+        self._on_close = on_close
+        self._backlog: list[Message] = []
+        self._mailbox: Mailbox[Message] | None = None
+        self._closed = False
+
+    def start(self, backend: Backend) -> None:
+        if self._mailbox is not None or self._closed:
+            return
+        self._mailbox = Mailbox(backend, self._queue_size)
+        self._backlog = self.broker.attach(self)
+        self._backlog.reverse()
+
+    def deliver(self, message: Message) -> bool:
+        """Queue ``message``, never blocking; False if it takes no more."""
+        assert self._mailbox is not None
+        if self._skip is not None:
+            if message.order <= self._skip:
+                return True
+            self._skip = None
+        if self._mailbox.offer(message):
+            return True
+        if not self._mailbox.closed:
+            # Waiting would let one slow client hold up every publisher; the
+            # client reconnects and catches up from history instead.
+            self.overflowed = True
+            self._mailbox.close()
+        return False
+
+    def skip_through(self, order: tuple[int, int]) -> None:
+        """Drop live events up to ``order``, which the client has already
+        (from another worker, whose reader was ahead of this one's)."""
+        self._skip = order
+
+    def take(self, timeout: float | None) -> list[bytes]:
+        assert self._mailbox is not None
+        if self._backlog:
+            batch = self._backlog[-BACKLOG_BATCH:]
+            del self._backlog[-BACKLOG_BATCH:]
+            return [m.data for m in reversed(batch)]
+        # Waited for first: a comprehension around the call would hold its
+        # function object alive through the wait.
+        messages = self._mailbox.take(timeout)
+        return [m.data for m in messages]
+
+    @property
+    def drained(self) -> bool:
+        return not self._backlog and (self._mailbox is None or self._mailbox.drained)
+
+    def interrupt(self) -> None:
+        if self._mailbox is not None:
+            self._mailbox.close()
+
+    def close(self) -> None:
+        """Unsubscribe, end the stream and free the connection slot."""
+        if self._closed:
+            return
+        self._closed = True
+        self.interrupt()
+        if self._mailbox is not None:
+            self.broker.detach(self)
+        if self._on_close is not None:
+            self._on_close()
+
+    def __iter__(self) -> cabc.Iterator[Event]:
+        self.start(current_backend())
+        if self._mailbox is None:
+            return
+        try:
+            while self._backlog:
+                yield self._backlog.pop().event
+            while not self._mailbox.drained:
+                for message in self._mailbox.take(None):
+                    yield message.event
+        finally:
+            self.close()
+
+
+class FanOut:
+    """Which subscriptions of this process listen on which channel.
+
+    Every method expects :attr:`lock` to be held, so that a broker makes a
+    step of its store and one of the fan-out a single step.
+    """
+
+    def __init__(self) -> None:
+        #: Held around every use; an OS lock (see ``concurrency.os_lock``).
+        self.lock = os_lock()
+        #: The id up to which events were delivered: replays end here and
+        #: live delivery goes on after it. None while nothing feeds it.
+        self.position: str | None = None
+        self._channels: dict[str, set[Subscription]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, subscription: Subscription) -> None:
+        self._count += 1
+        for channel in subscription.channels:
+            self._channels.setdefault(channel, set()).add(subscription)
+
+    def remove(self, subscription: Subscription) -> None:
+        found = False
+        for channel in subscription.channels:
+            subs = self._channels.get(channel)
+            if subs is not None and subscription in subs:
+                found = True
+                subs.discard(subscription)
+                if not subs:
+                    del self._channels[channel]
+        self._count -= found
+
+    def deliver(self, channel: str, message: Message) -> None:
+        """Hand ``message`` to every subscription of ``channel``."""
+        subs = self._channels.get(channel)
+        if not subs:
+            return
+        done = [sub for sub in subs if not sub.deliver(message)]
+        for sub in done:
+            self.remove(sub)
+
+    def end_all(self) -> None:
+        """Interrupt and forget every subscription: their streams end."""
+        subs = {sub for subs in self._channels.values() for sub in subs}
+        self._channels.clear()
+        self._count = 0
+        for sub in subs:
+            sub.interrupt()
+
+    def stats(self) -> dict[str, t.Any]:
+        channels = {name: len(subs) for name, subs in self._channels.items()}
+        return {"subscriptions": self._count, "channels": channels}
