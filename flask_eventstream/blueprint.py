@@ -105,13 +105,8 @@ class EventStreamState:
         self._lock = os_lock()
 
     def reserve(self, client: str | None = None) -> Refusal | None:
-        """Count one more open stream for ``client``, unless a limit is reached.
-
-        :param client: the client's key, counted against
-            ``EVENTSTREAM_MAX_CONNECTIONS_PER_CLIENT``; None counts against
-            the process's limit only.
-        :return: None when counted, else which limit refused it.
-        """
+        """Count one more open stream for ``client`` (a key, or None for the
+        process's limit only); return which limit refused it, if one did."""
         with self._lock:
             if (
                 self.max_connections is not None

@@ -19,14 +19,9 @@ def broker_from_url(
     history_ttl: float = DEFAULT_HISTORY_TTL_SECONDS,
     prefix: str = "eventstream",
 ) -> Broker:
-    """Create the broker that ``url`` names.
-
-    :param url: ``memory://``, or ``redis://host:port/db`` (also
-        ``rediss://`` and ``unix://``).
-    :param history: events kept per channel for replay.
-    :param history_ttl: seconds the history of a quiet channel is kept.
-    :param prefix: the start of the Redis keys.
-    """
+    """Create the broker that ``url`` names: ``memory://``, or
+    ``redis://host:port/db`` (also ``rediss://`` and ``unix://``), keeping
+    ``history`` events per channel, ``history_ttl`` seconds after the last."""
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme == "memory":
         return MemoryBroker(history=history, history_ttl=history_ttl)

@@ -252,7 +252,7 @@ class RedisBroker(Broker):
     ):
         super().__init__()
         self.store = RedisStore(url, history, prefix, history_ttl)
-        self.reader = RedisReader(self.store, self)
+        self.reader = RedisReader(self)
         self._pid = os.getpid()
 
     def publish(self, channel: str, event: Event) -> str:
@@ -273,7 +273,7 @@ class RedisBroker(Broker):
                 if self._pid != os.getpid():
                     # A forked worker starts with no reader or subscribers.
                     self._pid, self.fanout = os.getpid(), FanOut()
-                    self.reader = RedisReader(self.store, self)
+                    self.reader = RedisReader(self)
                 if self.fanout.position is None and newest is not None:
                     self.fanout.position = newest
                     self.reader.start()
@@ -329,5 +329,5 @@ class RedisBroker(Broker):
 
     def close(self) -> None:
         super().close()
-        self.reader.stop()
+        self.reader.stopping = True
         self.store.close()
