@@ -371,21 +371,17 @@ def _request_last_event_id() -> str | None:
             _refuse(400, "The Last-Event-ID header is not valid UTF-8.")
     else:
         raw = _args().get("lastEventId")
-    if not raw:
-        return None
-    try:
-        return _check_id(raw, "The Last-Event-ID")
-    except BadRequest as e:
-        _refuse(400, str(e.description))
+    return _check_id(raw, "The Last-Event-ID") if raw else None
 
 
 def _check_id(value: str, what: str) -> str:
     # Any other string is an id: one the broker cannot find gets a reset.
     if len(value) > 200 or "\r" in value or "\n" in value or "\0" in value:
-        raise BadRequest(
+        message = (
             f"{what} is not an event id: ids are 1-200 characters without a line"
             f" break or NUL (got {value[:60]!r})."
         )
+        raise BadRequest(message, Response(message + "\n", 400, mimetype="text/plain"))
     return value
 
 

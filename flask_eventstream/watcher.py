@@ -201,7 +201,6 @@ _watchers: dict[str, Watcher] = {}
 
 def watcher_for(backend: Backend) -> Watcher:
     """Return the process's watcher for ``backend``."""
-    watcher = _watchers.get(backend.name)
-    if watcher is None:
-        watcher = _watchers[backend.name] = Watcher(backend)
-    return watcher
+    if backend.name not in _watchers:
+        _watchers[backend.name] = Watcher(backend)
+    return _watchers[backend.name]
