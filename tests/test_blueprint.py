@@ -22,8 +22,6 @@ from flask_eventstream import stream_events
 from flask_eventstream.blueprint import EventStreamState
 from flask_eventstream.testing import read_events
 
-from . import scenarios
-
 if t.TYPE_CHECKING:
     from flask.testing import FlaskClient
     from werkzeug.test import TestResponse
@@ -642,42 +640,3 @@ def test_memory_of_quiet_channels_is_freed_after_the_ttl(app: Flask) -> None:
     assert grown > 1_000_000
     assert left < channels * 100, f"{left} of {grown} bytes still held after the TTL"
     assert left_again - left < channels * 10, f"{left}, then {left_again} bytes held"
-
-
-@pytest.mark.parametrize("view", scenarios.VIEWS)
-@pytest.mark.parametrize("fault", scenarios.LATE_FAULTS)
-def test_stream_replaced_by_a_late_500_releases_its_subscription_and_slot(
-    app: Flask, fault: str, view: str
-) -> None:
-    """A session save or after_request hook failing after the view leaks nothing."""
-    scenarios.late_error_releases_the_subscription(app, fault, view)
-
-
-@pytest.mark.parametrize("view", scenarios.VIEWS)
-@pytest.mark.parametrize("how", ["HEAD", "closed-unread"])
-def test_stream_never_iterated_releases_its_subscription_and_slot(
-    app: Flask, how: str, view: str
-) -> None:
-    """A HEAD, or a body the server closes unread, holds no subscription or slot."""
-    scenarios.unread_streams_release_the_subscription(app, how, view)
-
-
-@pytest.mark.parametrize("kind", scenarios.UNKNOWN_IDS)
-@pytest.mark.parametrize("by", scenarios.RESUME_BY)
-def test_unknown_id_of_any_form_gets_a_reset_then_live_events(
-    app: Flask, caplog: pytest.LogCaptureFixture, by: str, kind: str
-) -> None:
-    """An id no event carries, in any characters, is reset; never a 4xx or 5xx."""
-    scenarios.unknown_id_gets_a_reset(app, caplog, by, kind)
-
-
-@pytest.mark.parametrize(
-    ("by", "last_event_id"),
-    list(scenarios.MALFORMED_IDS.values()),
-    ids=list(scenarios.MALFORMED_IDS),
-)
-def test_malformed_id_gets_400_and_subscribes_nothing(
-    app: Flask, caplog: pytest.LogCaptureFixture, by: str, last_event_id: str
-) -> None:
-    """Over 200 characters, CR, LF, NUL or not UTF-8: 400 from endpoint and listen."""
-    scenarios.malformed_id_gets_400(app, caplog, by, last_event_id)

@@ -1,7 +1,8 @@
-"""The blueprint on a real redis-server, through public behaviour only.
+"""What a request gets when things go wrong, with each broker.
 
-The scenarios of ``test_blueprint`` (see ``scenarios``), with Redis as the
-broker: what holds for one broker holds for the other.
+Through public behaviour only (the scenarios are in ``scenarios``), with the
+in-memory broker and with a real redis-server: what holds for one broker
+holds for the other.
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ def server() -> cabc.Iterator[RedisServer]:
         yield server
 
 
-@pytest.fixture
-def redis_app(app: Flask, server: RedisServer) -> cabc.Iterator[Flask]:
-    """The app with Redis as its broker, on keys of its own; closed after."""
-    app.config.update(
-        EVENTSTREAM_BROKER_URL=server.url, EVENTSTREAM_KEY_PREFIX=f"t{uuid.uuid4().hex}"
-    )
+@pytest.fixture(params=["memory", "redis"])
+def any_app(app: Flask, request: pytest.FixtureRequest) -> cabc.Iterator[Flask]:
+    """The app with each broker (Redis on keys of its own); closed after."""
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("server")
+        app.config.update(
+            EVENTSTREAM_BROKER_URL=server.url,
+            EVENTSTREAM_KEY_PREFIX=f"t{uuid.uuid4().hex}",
+        )
     yield app
     if "eventstream" in app.extensions:
         app.extensions["eventstream"].broker.close()
@@ -42,28 +46,28 @@ def redis_app(app: Flask, server: RedisServer) -> cabc.Iterator[Flask]:
 @pytest.mark.parametrize("view", scenarios.VIEWS)
 @pytest.mark.parametrize("fault", scenarios.LATE_FAULTS)
 def test_stream_replaced_by_a_late_500_releases_its_subscription_and_slot(
-    redis_app: Flask, fault: str, view: str
+    any_app: Flask, fault: str, view: str
 ) -> None:
     """A session save or after_request hook failing after the view leaks nothing."""
-    scenarios.late_error_releases_the_subscription(redis_app, fault, view)
+    scenarios.late_error_releases_the_subscription(any_app, fault, view)
 
 
 @pytest.mark.parametrize("view", scenarios.VIEWS)
 @pytest.mark.parametrize("how", ["HEAD", "closed-unread"])
 def test_stream_never_iterated_releases_its_subscription_and_slot(
-    redis_app: Flask, how: str, view: str
+    any_app: Flask, how: str, view: str
 ) -> None:
     """A HEAD, or a body the server closes unread, holds no subscription or slot."""
-    scenarios.unread_streams_release_the_subscription(redis_app, how, view)
+    scenarios.unread_streams_release_the_subscription(any_app, how, view)
 
 
 @pytest.mark.parametrize("kind", scenarios.UNKNOWN_IDS)
 @pytest.mark.parametrize("by", scenarios.RESUME_BY)
 def test_unknown_id_of_any_form_gets_a_reset_then_live_events(
-    redis_app: Flask, caplog: pytest.LogCaptureFixture, by: str, kind: str
+    any_app: Flask, caplog: pytest.LogCaptureFixture, by: str, kind: str
 ) -> None:
-    """An id Redis never issued, in any characters, is reset: no 503, no warning."""
-    scenarios.unknown_id_gets_a_reset(redis_app, caplog, by, kind)
+    """An id no event carries, in any characters, is reset: no 4xx, 5xx or warning."""
+    scenarios.unknown_id_gets_a_reset(any_app, caplog, by, kind)
 
 
 @pytest.mark.parametrize(
@@ -72,7 +76,7 @@ def test_unknown_id_of_any_form_gets_a_reset_then_live_events(
     ids=list(scenarios.MALFORMED_IDS),
 )
 def test_malformed_id_gets_400_and_subscribes_nothing(
-    redis_app: Flask, caplog: pytest.LogCaptureFixture, by: str, last_event_id: str
+    any_app: Flask, caplog: pytest.LogCaptureFixture, by: str, last_event_id: str
 ) -> None:
     """Over 200 characters, CR, LF, NUL or not UTF-8: 400 from endpoint and listen."""
-    scenarios.malformed_id_gets_400(redis_app, caplog, by, last_event_id)
+    scenarios.malformed_id_gets_400(any_app, caplog, by, last_event_id)
