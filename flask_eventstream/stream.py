@@ -32,15 +32,16 @@ if t.TYPE_CHECKING:
 
 #: How long a stream may be silent before a keep-alive comment is sent.
 DEFAULT_KEEPALIVE_SECONDS = 15.0
-#: How long one write may make no progress before the stream is ended.
+#: How long a client may take no data before its stream is ended.
 DEFAULT_SEND_TIMEOUT_SECONDS = 60.0
 OPENING_COMMENT = encode_comment("stream opened")
+KEEPALIVE_COMMENT = encode_comment("keep-alive")
+#: The headers of every event stream; a proxy must not buffer or cache it.
 HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
-KEEPALIVE_COMMENT = encode_comment("keep-alive")
 
 
 class _FromConfig:
