@@ -60,8 +60,9 @@ class MemoryStore:
             )
         self._last = order
         self._drop_quiet()
-        kept = self._channels.pop(channel, _History(self.history))
-        self._channels[channel] = kept
+        # Moved to the end: the channels stay in the order of their last event.
+        kept: _History | None = self._channels.pop(channel, None)
+        kept = self._channels[channel] = kept or _History(self.history)
         kept.touched = time.monotonic()
         if len(kept.messages) == self.history:
             kept.evicted = kept.messages[0].order
