@@ -296,3 +296,19 @@ def malformed_id_gets_400(
             assert rv.get_data(as_text=True).strip()
     assert warnings_logged(caplog) == []
     assert stats(app)["subscriptions"] == 0
+
+
+def resumed(app: Flask, sse: EventStream, channel: str, last_id: str) -> list[t.Any]:
+    """(event, data) of what a client resuming from ``last_id`` gets first:
+    everything before a marker published once it is subscribed."""
+    headers = {"Last-Event-ID": last_id}
+    with app.test_client().get(f"/events?channel={channel}", headers=headers) as rv:
+        assert rv.status_code == 200, rv.data
+        with app.app_context():
+            marker = sse.publish("marker", channel=channel)
+        events: list[tuple[str | None, t.Any]] = []
+        while True:
+            (event,) = read_events(rv, 1, timeout=5)
+            if event.id == marker:
+                return events
+            events.append((event.event, event.data))

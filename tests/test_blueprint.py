@@ -22,6 +22,8 @@ from flask_eventstream import stream_events
 from flask_eventstream.blueprint import EventStreamState
 from flask_eventstream.testing import read_events
 
+from . import scenarios
+
 if t.TYPE_CHECKING:
     from flask.testing import FlaskClient
     from werkzeug.test import TestResponse
@@ -546,21 +548,6 @@ def wait_until_older_than(event_id: str, seconds: float) -> None:
     wait_until(lambda: time.time() * 1000 > ms, seconds + 5)
 
 
-def resumed(
-    app: Flask, sse: EventStream, client: FlaskClient, channel: str, last_id: str
-) -> list[tuple[str | None, t.Any]]:
-    """(event, data) of what a client resuming from ``last_id`` gets first."""
-    url = f"/events?channel={channel}"
-    with subscribed(client, url, headers={"Last-Event-ID": last_id}) as rv:
-        marker = publish(app, sse, "marker", channel=channel)
-        events: list[tuple[str | None, t.Any]] = []
-        while True:
-            (event,) = read_events(rv, 1, timeout=5)
-            if event.id == marker:
-                return events
-            events.append((event.event, event.data))
-
-
 def test_history_ttl_defaults_to_a_day_and_takes_any_positive_seconds(
     app: Flask,
 ) -> None:
@@ -584,11 +571,11 @@ def test_quiet_channels_history_is_dropped_after_the_ttl(
         ids = [sse.publish("x", channel=f"user.{n}") for n in range(2000)]
     wait_until_older_than(ids[-1], 1)
     recent = publish(app, sse, "elsewhere", channel="other")
-    assert resumed(app, sse, client, "user.0", ids[0]) == [
+    assert scenarios.resumed(app, sse, "user.0", ids[0]) == [
         ("eventstream.reset", ids[0])
     ]
     # A channel with a recent event keeps its history.
-    assert resumed(app, sse, client, "other", recent) == []
+    assert scenarios.resumed(app, sse, "other", recent) == []
 
 
 def test_memory_of_quiet_channels_is_freed_after_the_ttl(app: Flask) -> None:

@@ -30,6 +30,7 @@ from flask_eventstream.concurrency import THREADS
 from flask_eventstream.parser import parse
 from flask_eventstream.testing import read_events
 
+from . import scenarios
 from .redis_server import redis_server
 from .redis_server import RedisServer
 from .servers import free_port
@@ -642,21 +643,6 @@ def next_events(rv: Response, count: int) -> list[tuple[str | None, str | None, 
     return [(e.event, e.id, e.data) for e in read_events(rv, count, timeout=5)]
 
 
-def resumed(
-    app: Flask, sse: EventStream, channel: str, last_id: str
-) -> list[tuple[str | None, t.Any]]:
-    """(event, data) of what a client resuming from ``last_id`` gets first."""
-    url = f"/events?channel={channel}"
-    with opened(app.test_client(), url, headers={"Last-Event-ID": last_id}) as rv:
-        marker = published(app, sse, "marker", channel=channel)
-        events: list[tuple[str | None, t.Any]] = []
-        while True:
-            (event,) = read_events(rv, 1, timeout=5)
-            if event.id == marker:
-                return events
-            events.append((event.event, event.data))
-
-
 def stored(store: redis.Redis, key: str, data: str) -> list[str]:
     """The ids of the entries of the stream ``key`` whose data is ``data``."""
     entries = t.cast("list[tuple[str, dict[str, str]]]", store.xrange(key))
@@ -770,7 +756,7 @@ def test_replay_past_trimmed_events_resets_though_other_keys_are_lost(
     sse = redis_sse(EVENTSTREAM_HISTORY=3)
     ids = [published(app, sse, f"a{n}", channel="a") for n in range(6)]
     store.delete(*(f"{prefix}:{key}" for key in lost))
-    assert resumed(app, sse, "a", ids[0]) == [
+    assert scenarios.resumed(app, sse, "a", ids[0]) == [
         ("eventstream.reset", ids[0]),
         ("message", "a3"),
         ("message", "a4"),
@@ -790,7 +776,7 @@ def test_replay_from_a_channel_whose_stream_was_lost_resets_after_the_ttl(
     store.delete(f"{prefix}:channel:a")
     published(app, sse, "b0", channel="b")
     wait_until_older_than(a0, 1)
-    assert resumed(app, sse, "a", a0) == [("eventstream.reset", a0)]
+    assert scenarios.resumed(app, sse, "a", a0) == [("eventstream.reset", a0)]
 
 
 def test_channel_history_expires_after_the_ttl_without_events(
@@ -810,4 +796,4 @@ def test_channel_history_expires_after_the_ttl_without_events(
     published(app, sse, "a1", channel="a")
     assert 0 < lowered < store.pttl(key) <= 1000
     wait_for(lambda: not store.exists(key), 5, f"{key} expired")
-    assert resumed(app, sse, "a", a0) == [("eventstream.reset", a0)]
+    assert scenarios.resumed(app, sse, "a", a0) == [("eventstream.reset", a0)]
