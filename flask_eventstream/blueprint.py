@@ -85,7 +85,9 @@ class EventStreamState:
                 max_age=config["EVENTSTREAM_MAX_AGE"],
             )
             history_ttl = seconds(
-                "EVENTSTREAM_HISTORY_TTL", config["EVENTSTREAM_HISTORY_TTL"], False
+                "EVENTSTREAM_HISTORY_TTL",
+                config["EVENTSTREAM_HISTORY_TTL"],
+                optional=False,
             )
         except ValueError as e:
             raise ValueError(

@@ -235,10 +235,16 @@ class EventStreamBody:
         return bytes(data[:SEND_SLICE_BYTES])
 
     def _timeout(self) -> float | None:
-        deadlines = [d for d in (self._next_beat, self._ends_at) if d is not None]
-        if not deadlines:
+        # No list or generator here: this runs once per event sent.
+        if self._ends_at is None:
+            deadline = self._next_beat
+        elif self._next_beat is None:
+            deadline = self._ends_at
+        else:
+            deadline = min(self._next_beat, self._ends_at)
+        if deadline is None:
             return None
-        remaining = min(deadlines) - time.monotonic()
+        remaining = deadline - time.monotonic()
         if remaining <= 0:
             return 0.0
         # Rounded up to whole hundredths, so that a stream waiting out the

@@ -703,17 +703,25 @@ def test_reader_skips_an_entry_it_cannot_decode_and_keeps_delivering(
     assert len(skipped(caplog, bad)) == 1, skipped(caplog, bad)
 
 
+def channel_ahead_of_all(
+    app: Flask, sse: EventStream, store: redis.Redis, prefix: str
+) -> str:
+    """Leave channel a's stream with a greater id than the stream of all events
+    and return that id: an app-given id an hour ahead (or Redis's clock
+    stepped back), then the stream of all events deleted or evicted."""
+    published(app, sse, "old", channel="a")
+    ahead = f"{int(time.time() * 1000) + 3_600_000}-0"
+    published(app, sse, "given id", channel="a", id=ahead)
+    store.delete(f"{prefix}:all")
+    return ahead
+
+
 def test_publish_after_the_stream_of_all_events_was_lost_stores_it_whole(
     redis_app: tuple[Flask, EventStream], store: redis.Redis, prefix: str
 ) -> None:
     """Publish with the stream of all events behind the channel's never fails."""
     app, sse = redis_app
-    now_ms = int(time.time() * 1000)
-    published(app, sse, "old", channel="a")
-    # An app-given id an hour ahead (or Redis's clock stepped back), then the
-    # stream of all events deleted or evicted.
-    published(app, sse, "given id", channel="a", id=f"{now_ms + 3_600_000}-0")
-    store.delete(f"{prefix}:all")
+    channel_ahead_of_all(app, sse, store, prefix)
     with opened(app.test_client(), "/events?channel=a") as rv:
         new = published(app, sse, "new", channel="a")
         newer = published(app, sse, "newer", channel="a")
@@ -731,12 +739,10 @@ def test_given_id_not_after_the_channels_newest_is_refused_and_writes_nothing(
 ) -> None:
     """ValueError, and neither stream changes, though the other took the id."""
     app, sse = redis_app
-    now_ms = int(time.time() * 1000)
-    published(app, sse, "old", channel="a")
-    newest = published(app, sse, "given id", channel="a", id=f"{now_ms + 3_600_000}-0")
-    store.delete(f"{prefix}:all")
+    newest = channel_ahead_of_all(app, sse, store, prefix)
     before = lengths(store, prefix, "a")
-    for stale in (newest, f"{now_ms + 1_800_000}-0"):
+    half_way = f"{int(time.time() * 1000) + 1_800_000}-0"
+    for stale in (newest, half_way):
         with pytest.raises(ValueError, match="id"):
             published(app, sse, "stale", channel="a", id=stale)
         assert lengths(store, prefix, "a") == before, f"after {stale}"

@@ -34,7 +34,6 @@ from .base import DEFAULT_HISTORY_TTL_SECONDS
 from .base import expired
 from .base import parse_id
 from .base import replay
-from .fanout import FanOut
 from .reader import message
 from .reader import RedisReader
 
@@ -271,9 +270,10 @@ class RedisBroker(Broker):
         while True:
             with self.fanout.lock:
                 if self._pid != os.getpid():
-                    # A forked worker starts with no reader or subscribers.
-                    self._pid, self.fanout = os.getpid(), FanOut()
-                    self.reader = RedisReader(self)
+                    # A forked worker starts with no reader of its own. (A
+                    # server's parent process has no subscribers to inherit.)
+                    self._pid, self.reader = os.getpid(), RedisReader(self)
+                    self.fanout.position = None
                 if self.fanout.position is None and newest is not None:
                     self.fanout.position = newest
                     self.reader.start()
