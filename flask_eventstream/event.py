@@ -108,8 +108,9 @@ def _check_line(name: str, value: object, *, no_nul: bool = False) -> None:
 class Event:
     """One server-sent event. ``bytes(event)`` gives its wire form.
 
-    An event with no fields at all encodes to a lone blank line, which
-    clients ignore.
+    An event of only ``comment`` and ``retry`` ends without the blank line
+    that dispatches an event, so no client reports it as one; an event with
+    no fields encodes to nothing.
 
     :param data: a ``str`` is sent as is; ``None`` sends no data field; any
         other value is sent as JSON. Each line of the text is its own
@@ -163,6 +164,11 @@ class Event:
         data = self.data
         if data is not None:
             out += _field_lines("data:", data_text(data))
+        elif self.event is None and self.id is None:
+            # Comment and retry lines need no blank line, and a blank line
+            # after them, which browsers ignore, is an empty event to some
+            # clients (httpx-sse, for one).
+            return out.encode()
         return (out + "\n").encode()
 
     __bytes__ = encode

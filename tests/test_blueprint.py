@@ -282,7 +282,7 @@ def test_retry_and_max_age_come_from_config(app: Flask, client: FlaskClient) -> 
     app.register_blueprint(EventStream(), url_prefix="/events")
     with client.get("/events") as rv:
         body = b"".join(t.cast("t.Iterable[bytes]", rv.response))
-    assert body == b": stream opened\nretry: 1500\n\n"
+    assert body == b": stream opened\nretry: 1500\n"
     assert state(app).streams == 0
 
 

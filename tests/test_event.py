@@ -38,7 +38,7 @@ def normalize_lines(text: str) -> str:
     ("event", "expected"),
     [
         pytest.param(Event("hello"), b"data: hello\n\n", id="str"),
-        pytest.param(Event(), b"\n", id="nothing"),
+        pytest.param(Event(), b"", id="nothing"),
         pytest.param(Event(None, event="ping"), b"event: ping\n\n", id="none"),
         pytest.param(Event(""), b"data:\n\n", id="empty-str"),
         pytest.param(Event(" x"), b"data:  x\n\n", id="leading-space"),
@@ -63,12 +63,19 @@ def normalize_lines(text: str) -> str:
         pytest.param(Event("x", id="7"), b"id: 7\ndata: x\n\n", id="id"),
         pytest.param(Event("x", id=""), b"id:\ndata: x\n\n", id="id-empty"),
         pytest.param(Event("x", retry=0), b"retry: 0\ndata: x\n\n", id="retry-0"),
-        pytest.param(Event(retry=3000), b"retry: 3000\n\n", id="retry-only"),
+        pytest.param(Event(retry=3000), b"retry: 3000\n", id="retry-only"),
         pytest.param(Event("x", comment="hi"), b": hi\ndata: x\n\n", id="comment"),
-        pytest.param(Event(comment=""), b":\n\n", id="comment-empty"),
+        pytest.param(Event(comment=""), b":\n", id="comment-empty"),
         pytest.param(
-            Event(comment="a\r\nb\n\rc"), b": a\n: b\n:\n: c\n\n", id="comment-lines"
+            Event(comment="a\r\nb\n\rc"), b": a\n: b\n:\n: c\n", id="comment-lines"
         ),
+        pytest.param(
+            Event(retry=5, comment="c"), b": c\nretry: 5\n", id="comment-retry"
+        ),
+        pytest.param(
+            Event(comment="c", event="e"), b": c\nevent: e\n\n", id="comment-event"
+        ),
+        pytest.param(Event(comment="c", id="1"), b": c\nid: 1\n\n", id="comment-id"),
         pytest.param(
             Event("x\ny", event="e", id="1", retry=5, comment="c"),
             b": c\nevent: e\nid: 1\nretry: 5\ndata: x\ndata: y\n\n",

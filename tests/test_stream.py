@@ -191,7 +191,7 @@ def test_retry_is_sent_with_the_opening_comment(
         yield "x"
 
     with client.get("/s") as rv:
-        assert Chunks(rv).next() == b": stream opened\nretry: 2500\n\n"
+        assert Chunks(rv).next() == b": stream opened\nretry: 2500\n"
 
 
 def test_extra_headers_are_added(app: Flask, client: FlaskClient) -> None:
