@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import json
 import math
 import time
 import typing as t
 
 from flask import stream_with_context
+from werkzeug.exceptions import HTTPException
+from werkzeug.http import HTTP_STATUS_CODES
 
 from .concurrency import current_backend
 from .concurrency import Mailbox
+from .concurrency import on_cut_short
 from .concurrency import StreamSource
 from .event import Event
 from .watcher import SEND_SLICE_BYTES
@@ -38,6 +42,21 @@ PRODUCER_QUEUE_SIZE = 64
 TIMER_STEPS_PER_SECOND = 100
 #: How long closing a stream waits for its generator's ``finally`` to run.
 STOP_TIMEOUT_SECONDS = 5.0
+#: The last event of a stream whose generator returned: the client should
+#: not start it again, as it would after a stream that was cut.
+END_EVENT = b"event: eventstream.end\ndata: {}\n\n"
+
+
+def error_event(status: int, message: str | None = None) -> bytes:
+    """The last event of a stream whose generator raised: its status and a
+    message for the client, never the exception's text."""
+    # Not the app's JSON provider: the library's own events have one form.
+    data = json.dumps(
+        {"status": status, "message": message or HTTP_STATUS_CODES.get(status)},
+        separators=(",", ":"),
+        sort_keys=True,
+    )
+    return Event(data, event="eventstream.error").encode()
 
 
 def encode_item(item: t.Any) -> bytes | None:
@@ -75,6 +94,7 @@ class GeneratorSource(StreamSource):
         self._name = name
         self._mailbox: Mailbox[bytes] | None = None
         self._stop: Stop | None = None
+        self._was_cut_short = False
 
     def start(self, backend: Backend) -> None:
         self._mailbox = Mailbox(backend, PRODUCER_QUEUE_SIZE)
@@ -104,6 +124,8 @@ class GeneratorSource(StreamSource):
     def _run(self) -> None:
         mailbox = self._mailbox
         assert mailbox is not None
+        on_cut_short.set(self._cut_short)
+        last: bytes | None = END_EVENT
         try:
             for item in self._iterable:
                 chunk = encode_item(item)
@@ -111,15 +133,28 @@ class GeneratorSource(StreamSource):
                 # is the generator's chance to notice that.
                 if mailbox.closed or (chunk is not None and not mailbox.put(chunk)):
                     break
+            if self._was_cut_short:
+                last = None
+        except HTTPException as e:
+            self._app.logger.info(
+                "The event stream view %r ended its stream with %s.", self._name, e
+            )
+            last = error_event(e.get_response().status_code, e.description)
         except Exception:
             self._app.logger.exception(
                 "The event stream view %r raised an exception; its stream was"
-                " ended and the client will reconnect.",
+                " ended and the client was told.",
                 self._name,
             )
+            last = error_event(500)
         finally:
+            if last is not None and not mailbox.closed:
+                mailbox.put(last)
             mailbox.close()
             self._close_iterable()
+
+    def _cut_short(self) -> None:
+        self._was_cut_short = True
 
     def _close_iterable(self) -> None:
         try:

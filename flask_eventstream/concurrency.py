@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _thread
 import abc
+import contextvars
 import functools
 import os
 import select
@@ -279,6 +280,14 @@ class StreamSource(abc.ABC):
     def close(self) -> None:
         """Stop producing and release everything the source holds."""
 
+
+#: Set by a stream view's producer while the view's iterable runs. A source
+#: that the iterable reads from (a subscription) calls it when it is cut
+#: short, by the broker or for falling behind, so that the stream ends as cut
+#: (the client reconnects) and not as finished.
+on_cut_short: contextvars.ContextVar[cabc.Callable[[], None]] = contextvars.ContextVar(
+    "eventstream_on_cut_short", default=lambda: None
+)
 
 _T = t.TypeVar("_T")
 

@@ -44,13 +44,25 @@ HEADERS = {
 }
 
 
-class _FromConfig:
+class _FromConfig(t.NamedTuple):
+    # A default read from the app's config when a stream starts; shown in
+    # the signature as the key's name.
+    key: str
+    default: float
+
     def __repr__(self) -> str:
-        return "EVENTSTREAM_KEEPALIVE"
+        return self.key
+
+    def read(self, value: t.Any, config: cabc.Mapping[str, t.Any]) -> float | None:
+        if value is not self:
+            return t.cast("float | None", value)
+        return seconds(self.key, config.get(self.key, self.default))
 
 
-# The default of ``keep_alive``: read the app's config when a stream starts.
-_FROM_CONFIG: t.Any = _FromConfig()
+_KEEPALIVE: t.Any = _FromConfig("EVENTSTREAM_KEEPALIVE", DEFAULT_KEEPALIVE_SECONDS)
+_SEND_TIMEOUT: t.Any = _FromConfig(
+    "EVENTSTREAM_SEND_TIMEOUT", DEFAULT_SEND_TIMEOUT_SECONDS
+)
 
 
 def _app_json_dumps() -> JSONDumps | None:
@@ -70,22 +82,24 @@ class StreamOptions(t.NamedTuple):
     opening: bytes
     headers: dict[str, str]
     max_age: float | None
+    send_timeout: float | None
 
     @classmethod
     def create(
         cls,
         *,
-        keep_alive: float | None = _FROM_CONFIG,
+        keep_alive: float | None = _KEEPALIVE,
         heartbeat: Event | None = None,
         retry: int | None = None,
         headers: cabc.Mapping[str, str] | None = None,
         max_age: float | None = None,
+        send_timeout: float | None = _SEND_TIMEOUT,
     ) -> StreamOptions:
         """Check the arguments of :func:`stream_events` and keep them."""
         return cls(
             keep_alive=(
                 keep_alive
-                if keep_alive is _FROM_CONFIG
+                if keep_alive is _KEEPALIVE
                 else seconds("keep_alive", keep_alive)
             ),
             heartbeat=_heartbeat(heartbeat),
@@ -93,6 +107,11 @@ class StreamOptions(t.NamedTuple):
             + (b"" if retry is None else Event(retry=retry).encode()),
             headers=_extra_headers(headers),
             max_age=seconds("max_age", max_age),
+            send_timeout=(
+                send_timeout
+                if send_timeout is _SEND_TIMEOUT
+                else seconds("send_timeout", send_timeout)
+            ),
         )
 
 
@@ -109,16 +128,18 @@ def stream_events(
     retry: int | None = ...,
     headers: cabc.Mapping[str, str] | None = ...,
     max_age: float | None = ...,
+    send_timeout: float | None = ...,
 ) -> cabc.Callable[[cabc.Callable[_P, t.Any]], cabc.Callable[_P, Response]]: ...
 def stream_events(
     view: t.Any = None,
     /,
     *,
-    keep_alive: float | None = _FROM_CONFIG,
+    keep_alive: float | None = _KEEPALIVE,
     heartbeat: Event | None = None,
     retry: int | None = None,
     headers: cabc.Mapping[str, str] | None = None,
     max_age: float | None = None,
+    send_timeout: float | None = _SEND_TIMEOUT,
 ) -> t.Any:
     """Turn a view into a ``text/event-stream`` response.
 
@@ -146,6 +167,14 @@ def stream_events(
         ``Connection`` belong to the server and are refused.
     :param max_age: seconds after which the stream ends cleanly, so clients
         reconnect (and spread across workers).
+    :param send_timeout: seconds a client may take no data before its stream
+        is ended; ``None`` never ends it. Defaults to
+        ``EVENTSTREAM_SEND_TIMEOUT``.
+
+    A generator that returns ends the stream with an ``eventstream.end``
+    event; one that raises, with an ``eventstream.error`` event whose JSON
+    data has the ``status`` (that of an :exc:`~werkzeug.exceptions.HTTPException`,
+    else 500) and a ``message``, never the exception's text.
 
     .. versionadded:: 0.1
     """
@@ -155,6 +184,7 @@ def stream_events(
         retry=retry,
         headers=headers,
         max_age=max_age,
+        send_timeout=send_timeout,
     )
 
     def decorator(view: cabc.Callable[_P, t.Any]) -> cabc.Callable[_P, Response]:
@@ -213,12 +243,6 @@ def event_stream_response(
         response.response = iter(())
         return response
     config = app.config
-    keep_alive = options.keep_alive
-    if keep_alive is _FROM_CONFIG:
-        keep_alive = seconds(
-            "EVENTSTREAM_KEEPALIVE",
-            config.get("EVENTSTREAM_KEEPALIVE", DEFAULT_KEEPALIVE_SECONDS),
-        )
     source = (
         result
         if isinstance(result, StreamSource)
@@ -228,15 +252,12 @@ def event_stream_response(
     response.response = EventStreamBody(
         source,
         opening=options.opening,
-        keep_alive=keep_alive,
+        keep_alive=_KEEPALIVE.read(options.keep_alive, config),
         heartbeat=(
             options.heartbeat.encode() if options.heartbeat else KEEPALIVE_COMMENT
         ),
         max_age=options.max_age,
-        send_timeout=seconds(
-            "EVENTSTREAM_SEND_TIMEOUT",
-            config.get("EVENTSTREAM_SEND_TIMEOUT", DEFAULT_SEND_TIMEOUT_SECONDS),
-        ),
+        send_timeout=_SEND_TIMEOUT.read(options.send_timeout, config),
         sock=environ.get("gunicorn.socket") or environ.get("werkzeug.socket"),
     )
     return response

@@ -351,6 +351,27 @@ def test_generator_may_read_a_subscription_and_is_woken_on_close(
     assert state(app).broker.stats()["subscriptions"] == 0
 
 
+def test_generator_over_a_subscription_that_is_cut_sends_no_end_event(
+    app: Flask, sse: EventStream, client: FlaskClient
+) -> None:
+    """When the broker ends a subscription, a generator reading it returns,
+    but its stream was cut, not finished: the client must reconnect, so no
+    end event is sent."""
+
+    @app.get("/upper")
+    @stream_events
+    def upper() -> t.Iterator[str]:
+        sub = sse.listen("words")
+        return (event.data.upper() for event in sub)
+
+    with client.get("/upper") as rv:
+        publish(app, sse, "hello", channel="words")
+        assert [e.data for e in read_events(rv, 1)] == ["HELLO"]
+        state(app).broker.close()
+        # The stream ends (within the timeout) with no further event.
+        assert read_events(rv, 1) == []
+
+
 def wait_until(predicate: t.Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

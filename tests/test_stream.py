@@ -19,8 +19,10 @@ from flask import Response
 
 from flask_eventstream import Event
 from flask_eventstream import stream_events
+from flask_eventstream.body import END_EVENT
 from flask_eventstream.body import EventStreamBody
 from flask_eventstream.concurrency import StreamSource
+from flask_eventstream.testing import parse
 from flask_eventstream.testing import read_events
 
 if t.TYPE_CHECKING:
@@ -97,7 +99,7 @@ def test_opening_comment_comes_before_the_first_event(
         chunks = Chunks(rv)
         assert chunks.next() == b": stream opened\n"
         go.set()
-        assert chunks.next() == b"data: done\n\n"
+        assert chunks.rest() == b"data: done\n\n" + END_EVENT
 
 
 def test_items_are_encoded_by_type(app: Flask, client: FlaskClient) -> None:
@@ -120,6 +122,7 @@ def test_items_are_encoded_by_type(app: Flask, client: FlaskClient) -> None:
         b"data: two\ndata: lines\n\n"
         b'data: {"a": 1}\n\n'
         b"data: [1, 2]\n\n"
+        b"event: eventstream.end\ndata: {}\n\n"
     )
 
 
@@ -149,8 +152,9 @@ def test_keepalive_comment_sent_when_generator_is_idle(
         assert chunks.next() == b": keep-alive\n"
         go.set()
         rest = chunks.rest()
-    assert rest.endswith(b"data: done\n\n")
-    assert set(rest.removesuffix(b"data: done\n\n").splitlines()) <= {b": keep-alive"}
+    assert rest.endswith(b"data: done\n\n" + END_EVENT)
+    kept_alive = rest.removesuffix(b"data: done\n\n" + END_EVENT)
+    assert set(kept_alive.splitlines()) <= {b": keep-alive"}
 
 
 def test_heartbeat_event_replaces_the_keepalive_comment(
@@ -314,10 +318,69 @@ def test_exception_in_generator_is_logged_and_ends_stream(
 
     with caplog.at_level(logging.ERROR), client.get("/s") as rv:
         body = Chunks(rv).rest()
-    assert body == b": stream opened\ndata: before\n\n"
+    # The client is told, without the traceback or the exception's text.
+    assert body == (
+        b": stream opened\ndata: before\n\nevent: eventstream.error\n"
+        b'data: {"message":"Internal Server Error","status":500}\n\n'
+    )
     (record,) = [r for r in caplog.records if r.exc_info]
     assert "'broken'" in record.getMessage()
     assert record.exc_info is not None and record.exc_info[0] is RuntimeError
+
+
+def test_http_exception_in_generator_tells_the_client_its_status(
+    app: Flask, client: FlaskClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """abort() after streaming began ends the stream with the status and the
+    description, as an event; it is no server error."""
+
+    @app.get("/s")
+    @stream_events
+    def s() -> t.Iterator[str]:
+        yield "before"
+        abort(403, "Your session has ended.")
+
+    with caplog.at_level(logging.INFO), client.get("/s") as rv:
+        events = list(parse(Chunks(rv).rest()))
+    assert events[-1] == Event(
+        '{"message":"Your session has ended.","status":403}', event="eventstream.error"
+    )
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_generator_that_returns_ends_with_an_end_event(
+    app: Flask, client: FlaskClient
+) -> None:
+    """A finished generator says so, so that a client does not run it again."""
+
+    @app.get("/s")
+    @stream_events
+    def s() -> t.Iterator[str]:
+        yield "only"
+
+    with client.get("/s") as rv:
+        body = Chunks(rv).rest()
+    assert body == (
+        b": stream opened\ndata: only\n\nevent: eventstream.end\ndata: {}\n\n"
+    )
+
+
+def test_stream_ended_by_max_age_sends_no_end_event(
+    app: Flask, client: FlaskClient
+) -> None:
+    """A stream cut short (here by max_age) is not finished: the client must
+    reconnect, so it gets no end event."""
+
+    @app.get("/s")
+    @stream_events(max_age=0.2, keep_alive=None)
+    def s() -> t.Iterator[str]:
+        yield "first"
+        threading.Event().wait(5)
+        yield "never sent"
+
+    with client.get("/s") as rv:
+        body = Chunks(rv).rest()
+    assert body == b": stream opened\ndata: first\n\n"
 
 
 def test_bytes_item_is_refused_with_a_clear_message(
@@ -385,6 +448,8 @@ def test_head_returns_headers_and_never_starts_the_generator(
         ({"keep_alive": "15"}, ValueError, "keep_alive"),
         ({"keep_alive": True}, ValueError, "keep_alive"),
         ({"max_age": 0}, ValueError, "max_age"),
+        ({"send_timeout": 0}, ValueError, "send_timeout"),
+        ({"send_timeout": "60"}, ValueError, "send_timeout"),
         ({"retry": -1}, ValueError, "retry"),
         ({"retry": 1.5}, ValueError, "retry"),
         ({"heartbeat": "ping"}, TypeError, "heartbeat"),
@@ -402,6 +467,25 @@ def test_bad_decorator_arguments_raise_naming_the_argument(
     """Bad arguments fail at decoration time with the argument's name."""
     with pytest.raises(error, match=name):
         stream_events(**kwargs)
+
+
+def test_send_timeout_is_set_per_view_over_the_config(app: Flask) -> None:
+    """send_timeout= overrides EVENTSTREAM_SEND_TIMEOUT for its view; None
+    turns the cut off."""
+    app.config["EVENTSTREAM_SEND_TIMEOUT"] = 30
+
+    def view() -> t.Iterator[str]:
+        yield "x"
+
+    app.get("/default")(stream_events(view))
+    app.get("/short", endpoint="short")(stream_events(send_timeout=2.5)(view))
+    app.get("/never", endpoint="never")(stream_events(send_timeout=None)(view))
+    for endpoint, expected in [("view", 30.0), ("short", 2.5), ("never", None)]:
+        with app.test_request_context():
+            rv = app.view_functions[endpoint]()
+        assert isinstance(rv.response, EventStreamBody)
+        assert rv.response.send_timeout == expected, endpoint
+        rv.close()
 
 
 def test_bad_keepalive_config_names_the_key(app: Flask, client: FlaskClient) -> None:

@@ -6,6 +6,7 @@ import typing as t
 
 from ..concurrency import current_backend
 from ..concurrency import Mailbox
+from ..concurrency import on_cut_short
 from ..concurrency import os_lock
 from ..concurrency import StreamSource
 
@@ -118,6 +119,7 @@ class Subscription(StreamSource):
             while not self._mailbox.drained:
                 for message in self._mailbox.take(None):
                     yield message.event
+            on_cut_short.get()()
         finally:
             self.close()
 
