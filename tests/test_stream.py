@@ -482,7 +482,7 @@ def test_send_timeout_is_set_per_view_over_the_config(app: Flask) -> None:
     app.get("/never", endpoint="never")(stream_events(send_timeout=None)(view))
     for endpoint, expected in [("view", 30.0), ("short", 2.5), ("never", None)]:
         with app.test_request_context():
-            rv = app.view_functions[endpoint]()
+            rv = t.cast(Response, app.view_functions[endpoint]())
         assert isinstance(rv.response, EventStreamBody)
         assert rv.response.send_timeout == expected, endpoint
         rv.close()
