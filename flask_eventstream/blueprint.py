@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import random
 import typing as t
 
 from flask import abort
@@ -20,6 +21,7 @@ from .cli import eventstream as eventstream_commands
 from .concurrency import os_lock
 from .event import Event
 from .stream import event_stream_response
+from .stream import HEADERS
 from .stream import own_until_streamed
 from .stream import release_unstreamed
 from .stream import seconds
@@ -268,9 +270,15 @@ class EventStream(Blueprint):
             ``None``, the request's ``Last-Event-ID`` header or
             ``lastEventId`` argument is used; pass ``""`` for no replay.
         :raises werkzeug.exceptions.BadRequest: for a malformed id.
+        :raises BrokerError: outside a request, if the broker cannot be
+            reached. In a request the stream waits for the broker instead,
+            with keep-alives, and replays once it is back.
 
         In a request, the response that streams it closes it; without one,
-        the end of the request does.
+        the end of the request does. Over a connection limit, a request
+        that accepts ``text/event-stream`` is answered 200 with only a
+        ``retry`` delay, so that a browser comes back by itself; others get
+        503 or 429 with ``Retry-After``.
         """
         state = _state()
         names = _channel_names(channels, state.max_channels)
@@ -282,6 +290,12 @@ class EventStream(Blueprint):
         if state.max_per_client is not None and has_request_context():
             client = self._client_key()
         refused = state.reserve(client)
+        if refused is not None and _wants_event_stream():
+            # EventSource gives up for good on any status but 200; told to
+            # retry, it comes back by itself, and the jitter keeps refused
+            # browsers from all coming back at once.
+            delay = round(RETRY_AFTER_SECONDS * 1000 * random.uniform(0.8, 1.2))
+            abort(Response(Event(retry=delay).encode(), headers=HEADERS))
         retry_after = {"Retry-After": str(RETRY_AFTER_SECONDS)}
         if refused == "process":
             _refuse(503, "Too many open streams; try again shortly.", retry_after)
@@ -292,20 +306,21 @@ class EventStream(Blueprint):
                 f" {state.max_per_client}); close one or try again shortly.",
                 retry_after,
             )
+        in_request = has_request_context()
         try:
+            # A request's stream waits for the broker: a browser given an
+            # error status would give up for good.
             sub = state.broker.subscribe(
                 names,
                 last_event_id or None,
                 queue_size=state.queue_size,
                 on_close=functools.partial(state.release, client),
+                wait_for_broker=in_request,
             )
-        except BrokerError as e:
+        except BrokerError:
             state.release(client)
-            if not has_request_context():
-                raise
-            current_app.logger.warning("Refused a subscription: %s", e)
-            _refuse(503, "Events are unavailable; try again shortly.", retry_after)
-        if has_request_context():
+            raise
+        if in_request:
             own_until_streamed(sub)
         return sub
 
@@ -338,6 +353,14 @@ def _channel_names(channels: cabc.Iterable[str], most: int) -> list[str]:
             f" to at once (got {len(names)})."
         )
     return names
+
+
+def _wants_event_stream() -> bool:
+    # Named outright, as EventSource does; */* is any client's default.
+    return has_request_context() and any(
+        value == "text/event-stream" and quality > 0
+        for value, quality in request.accept_mimetypes
+    )
 
 
 def _remote_addr() -> str | None:

@@ -199,6 +199,41 @@ def test_max_connections_gives_503_with_retry_after_and_recovers(
     assert state(app).streams == 0
 
 
+EVENTSOURCE = {"Accept": "text/event-stream"}
+
+
+@pytest.mark.parametrize(
+    "limit", ["EVENTSTREAM_MAX_CONNECTIONS", "EVENTSTREAM_MAX_CONNECTIONS_PER_CLIENT"]
+)
+def test_eventsource_over_a_limit_gets_200_retry_and_the_end(
+    app: Flask, client: FlaskClient, limit: str
+) -> None:
+    """EventSource gives up for good on an error status, so a request that
+    accepts text/event-stream is told, in a stream, when to come back; the
+    browser reconnects by itself after that many milliseconds, jittered so
+    that refused clients do not return together."""
+    app.config[limit] = 1
+    app.register_blueprint(EventStream(), url_prefix="/events")
+    with subscribed(client, "/events"):
+        delays = set()
+        for _ in range(20):
+            rv = client.get("/events", headers=EVENTSOURCE)
+            assert rv.status_code == 200
+            assert rv.mimetype == "text/event-stream"
+            assert rv.headers["Cache-Control"] == "no-cache"
+            (line,) = rv.data.splitlines()
+            field, _, delay = line.partition(b": ")
+            assert field == b"retry" and 4000 <= int(delay) <= 6000
+            delays.add(int(delay))
+        assert len(delays) > 1
+        assert state(app).streams == 1
+        # Accepting anything is not asking for an event stream.
+        rv = client.get("/events", headers={"Accept": "*/*"})
+        assert rv.status_code in (429, 503)
+        assert rv.headers["Retry-After"] == "5"
+    assert state(app).streams == 0
+
+
 def from_ip(address: str) -> dict[str, t.Any]:
     return {"environ_base": {"REMOTE_ADDR": address}}
 

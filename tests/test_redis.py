@@ -456,23 +456,44 @@ def test_publish_and_subscribe_without_redis_raise_broker_error(
     assert broker.stats() == {"subscriptions": 0, "channels": {}}
 
 
-def test_blueprint_without_redis_answers_503_and_holds_no_slot(
-    app: Flask, client: FlaskClient
+@pytest.mark.parametrize("others", [0, 1], ids=["no-reader", "reader-failing"])
+def test_blueprint_holds_a_stream_while_redis_is_down_and_replays_when_back(
+    app: Flask, client: FlaskClient, own_server: RedisServer, others: int
 ) -> None:
-    """A subscriber is told to come back later; publish raises BrokerError."""
-    app.config["EVENTSTREAM_BROKER_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    """While Redis is down the endpoint answers 200 and keeps the stream
+    open; once Redis is back the stream replays from its id, then goes live.
+    A browser would give up for good on a 503."""
+    app.config.update(EVENTSTREAM_BROKER_URL=own_server.url, EVENTSTREAM_KEEPALIVE=0.1)
     sse = EventStream()
     app.register_blueprint(sse, url_prefix="/events")
+    # With a subscriber already open, the worker's reader is running, and
+    # fails, while Redis is away; without one, there is no reader yet.
+    open_before = [client.get("/events?channel=b") for _ in range(others)]
     try:
-        rv = client.get("/events?channel=a")
-        assert rv.status_code == 503
-        assert rv.headers["Retry-After"] == "5"
-        assert rv.mimetype == "text/plain"
-        assert "try again" in rv.get_data(as_text=True)
-        assert state(app).streams == 0
+        with app.app_context():
+            seen = sse.publish("seen", channel="a")
+            missed = [sse.publish(f"missed {n}", channel="a") for n in range(3)]
+        own_server.kill()
         with app.app_context(), pytest.raises(BrokerError, match="redis-server"):
-            sse.publish("x", channel="a")
+            sse.publish("refused", channel="a")
+        with client.get("/events?channel=a", headers={"Last-Event-ID": seen}) as rv:
+            assert rv.status_code == 200
+            chunks = iter(t.cast("cabc.Iterable[bytes]", rv.response))
+            assert next(chunks) == b": stream opened\n"
+            assert next(chunks) == b": keep-alive\n"
+            assert state(app).streams == 1 + others
+            own_server.start()
+            with app.app_context():
+                live = sse.publish("live", channel="a")
+            events = read_events(rv, 4, timeout=15)
+        assert [(e.id, e.data) for e in events] == [
+            *[(id, f"missed {n}") for n, id in enumerate(missed)],
+            (live, "live"),
+        ]
+        assert state(app).streams == others
     finally:
+        for rv in open_before:
+            rv.close()
         state(app).broker.close()
 
 

@@ -137,6 +137,7 @@ class Broker(abc.ABC):
         queue_size: int = 1000,
         on_close: cabc.Callable[[], None] | None = None,
         backend: Backend | None = None,
+        wait_for_broker: bool = False,
     ) -> Subscription:
         """Subscribe to ``channels``: events are queued from now on.
 
@@ -146,8 +147,13 @@ class Broker(abc.ABC):
         :param on_close: called once when the subscription is closed.
         :param backend: where the subscriber waits; by default the one that
             fits the running server.
+        :param wait_for_broker: if the broker cannot be reached, return a
+            subscription that attaches (and replays) once it can, rather
+            than raise :exc:`BrokerError`.
         """
-        sub = Subscription(self, channels, last_event_id, queue_size, on_close)
+        sub = Subscription(
+            self, channels, last_event_id, queue_size, on_close, wait_for_broker
+        )
         sub.start(backend or current_backend())
         return sub
 

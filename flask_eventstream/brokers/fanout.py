@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import typing as t
 
 from ..concurrency import current_backend
@@ -18,8 +19,12 @@ if t.TYPE_CHECKING:
     from .base import Broker
     from .base import Message
 
+logger = logging.getLogger(__name__)
+
 #: How many replayed events go out in one write.
 BACKLOG_BATCH = 256
+#: How often a subscription that waits for its broker tries again.
+ATTACH_RETRY_SECONDS = 1.0
 
 
 class Subscription(StreamSource):
@@ -37,6 +42,7 @@ class Subscription(StreamSource):
         last_event_id: str | None,
         queue_size: int,
         on_close: cabc.Callable[[], None] | None = None,
+        wait_for_broker: bool = False,
     ) -> None:
         self.broker = broker
         self.channels = tuple(channels)
@@ -50,13 +56,45 @@ class Subscription(StreamSource):
         self._backlog: list[Message] = []
         self._mailbox: Mailbox[Message] | None = None
         self._closed = False
+        #: True while the broker cannot be reached and the subscription,
+        #: instead of failing, tries again to attach each time it is read.
+        self.waiting_for_broker = wait_for_broker
+        self._waited = False
 
     def start(self, backend: Backend) -> None:
         if self._mailbox is not None or self._closed:
             return
         self._mailbox = Mailbox(backend, self._queue_size)
-        self._backlog = self.broker.attach(self)
+        self._attach()
+
+    def _attach(self) -> bool:
+        # Imported here: the base module imports this one.
+        from .base import BrokerError
+
+        assert self._mailbox is not None
+        try:
+            self._backlog = self.broker.attach(self)
+        except BrokerError as e:
+            if not self.waiting_for_broker:
+                raise
+            if not self._waited:
+                self._waited = True
+                logger.info("A new stream waits for the broker: %s", e)
+            # Live events taken before the replay failed come again, in
+            # order, with the replay of the next attempt.
+            self._mailbox.take(0)
+            self._skip = None
+            return False
+        self.waiting_for_broker = False
         self._backlog.reverse()
+        return True
+
+    def _wait_for_broker(self, timeout: float | None) -> None:
+        # Paced by the mailbox, so that closing the stream wakes it.
+        assert self._mailbox is not None
+        if not self._attach():
+            pause = ATTACH_RETRY_SECONDS
+            self._mailbox.take(pause if timeout is None else min(timeout, pause))
 
     def deliver(self, message: Message) -> bool:
         """Queue ``message``, never blocking; False if it takes no more."""
@@ -81,6 +119,9 @@ class Subscription(StreamSource):
 
     def take(self, timeout: float | None) -> list[bytes]:
         assert self._mailbox is not None
+        if self.waiting_for_broker:
+            self._wait_for_broker(timeout)
+            return []
         if self._backlog:
             batch = self._backlog[-BACKLOG_BATCH:]
             del self._backlog[-BACKLOG_BATCH:]
@@ -114,6 +155,8 @@ class Subscription(StreamSource):
         if self._mailbox is None:
             return
         try:
+            while self.waiting_for_broker and not self._mailbox.closed:
+                self._wait_for_broker(None)
             while self._backlog:
                 yield self._backlog.pop().event
             while not self._mailbox.drained:
