@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.resources
 import random
 import typing as t
 
@@ -54,6 +56,9 @@ DEFAULTS: dict[str, t.Any] = {
 }
 #: What a client over ``EVENTSTREAM_MAX_CONNECTIONS`` is told to wait.
 RETRY_AFTER_SECONDS = 5
+#: How long a browser keeps ``eventstream.js`` fetched from the URL that
+#: ``url_for`` gives, which names its version.
+SCRIPT_MAX_AGE_SECONDS = 365 * 86400
 
 # Methods the endpoint answers itself, so that those a client may try get a
 # plain 405 rather than the app's HTML error page, and OPTIONS lists only
@@ -170,6 +175,8 @@ class EventStream(Blueprint):
         self._authorize: cabc.Callable[[str], bool] | None = None
         self._client_key: cabc.Callable[[], str | None] = _remote_addr
         self.teardown_app_request(release_unstreamed)
+        self.add_url_rule("/eventstream.js", "script", _script)
+        self.url_defaults(_script_version)
         # The subscribe endpoint is the prefix itself: /events?channel=a.
         self.record(
             lambda s: s.add_url_rule(
@@ -343,6 +350,36 @@ class EventStream(Blueprint):
                 if not self._authorize(name):
                     _refuse(403, f"Not allowed to subscribe to the channel {name!r}.")
         return event_stream_response(self.listen(*names), state.options, "eventstream")
+
+
+@functools.cache
+def _script_file() -> tuple[bytes, str]:
+    body = (
+        importlib.resources.files(__package__) / "static/eventstream.js"
+    ).read_bytes()
+    return body, hashlib.sha256(body).hexdigest()[:16]
+
+
+def _script() -> Response:
+    body, version = _script_file()
+    # The URL that url_for gives names the version, so it may be kept for
+    # long; any other is checked again each time, cheaply, by its ETag.
+    cache = (
+        f"public, max-age={SCRIPT_MAX_AGE_SECONDS}, immutable"
+        if request.args.get("v") == version
+        else "no-cache"
+    )
+    response = Response(body, mimetype="text/javascript")
+    response.headers["Cache-Control"] = cache
+    response.set_etag(version)
+    # In place: 304 with no body when the browser has this version.
+    response.make_conditional(request)
+    return response
+
+
+def _script_version(endpoint: str, values: dict[str, t.Any]) -> None:
+    if endpoint.rpartition(".")[2] == "script":
+        values.setdefault("v", _script_file()[1])
 
 
 def _channel_names(channels: cabc.Iterable[str], most: int) -> list[str]:

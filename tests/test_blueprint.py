@@ -5,12 +5,14 @@ from __future__ import annotations
 import decimal
 import gc
 import json
+import pathlib
 import random
 import threading
 import time
 import tracemalloc
 import typing as t
 
+import flask
 import pytest
 from flask import abort
 from flask import Flask
@@ -23,6 +25,8 @@ from flask_eventstream.blueprint import EventStreamState
 from flask_eventstream.testing import read_events
 
 from . import scenarios
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 if t.TYPE_CHECKING:
     from flask.testing import FlaskClient
@@ -683,3 +687,30 @@ def test_memory_of_quiet_channels_is_freed_after_the_ttl(app: Flask) -> None:
     assert grown > 1_000_000
     assert left < channels * 100, f"{left} of {grown} bytes still held after the TTL"
     assert left_again - left < channels * 10, f"{left}, then {left_again} bytes held"
+
+
+def test_browser_module_is_served_with_its_version_in_the_url(
+    app: Flask, sse: EventStream, client: FlaskClient
+) -> None:
+    """url_for names the module's version, so that URL may be cached for long;
+    any other is revalidated by its ETag."""
+    with app.test_request_context():
+        url = flask.url_for("eventstream.script")
+    path, _, query = url.partition("?")
+    assert path == "/events/eventstream.js" and query.startswith("v=")
+    shipped = (ROOT / "flask_eventstream/static/eventstream.js").read_bytes()
+
+    versioned = client.get(url)
+    assert versioned.status_code == 200
+    assert versioned.mimetype == "text/javascript"
+    assert versioned.data == shipped
+    assert "immutable" in versioned.headers["Cache-Control"]
+    etag = versioned.headers["ETag"]
+
+    plain = client.get(path)
+    assert plain.headers["Cache-Control"] == "no-cache"
+    assert plain.headers["ETag"] == etag
+    again = client.get(path, headers={"If-None-Match": etag})
+    assert (again.status_code, again.data) == (304, b"")
+    stale = client.get(url.replace("v=", "v=old"))
+    assert stale.headers["Cache-Control"] == "no-cache"
