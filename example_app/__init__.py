@@ -54,9 +54,13 @@ def create_app(config: dict[str, t.Any] | None = None) -> Flask:
     @app.get("/stream")
     @stream_events
     def stream() -> t.Iterator[Event]:
-        # A browser that reconnects sends the last id it saw; carry on from
-        # there rather than starting the count again.
-        last = request.headers.get("Last-Event-ID", "")
+        # A browser that reconnects sends the last id it saw, as a header
+        # (EventSource's own retry) or in the query string (eventstream.js
+        # after an error status); carry on from there rather than starting
+        # the count again.
+        last = request.headers.get("Last-Event-ID") or request.args.get(
+            "lastEventId", ""
+        )
         n = int(last) + 1 if last.isdigit() else 0
         while True:
             yield Event(f"Hello, world! ({n})", event="foo", id=str(n))

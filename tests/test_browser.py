@@ -7,6 +7,7 @@ one. The demo app runs under gunicorn's gevent worker.
 from __future__ import annotations
 
 import os
+import time
 import typing as t
 import uuid
 
@@ -115,7 +116,7 @@ def test_message_sent_from_one_page_appears_in_both(
     writer = _open_chat(new_page(), chat_server, room)
     writer.fill("input[name=name]", "bob")
     writer.fill("input[name=text]", "hello from page 2")
-    writer.click("button")
+    writer.click("#send button")
     for page in (reader, writer):
         items = page.locator("#messages li")
         expect(items).to_have_count(1, timeout=WAIT_MS)
@@ -209,20 +210,126 @@ def test_page_restarts_its_event_source_after_an_error_status(
     expect(page.locator("#notice")).to_be_hidden()
 
 
-def test_page_shows_a_notice_when_the_server_cannot_resume(
+def test_page_shows_a_notice_when_the_server_cannot_resume_until_dismissed(
     chat_server: Server, new_page: NewPage
 ) -> None:
-    """An ``eventstream.reset`` event makes the missed-messages notice visible."""
-    page = new_page()
+    """An ``eventstream.reset`` event shows the missed-messages notice; it
+    stays, new messages or not, until the reader dismisses it."""
+    page, room = new_page(), _room()
     # An id from long before the server started: it cannot be resumed from.
     page.route(
         lambda url: "/events?" in url,
         lambda route: route.continue_(url=f"{route.request.url}&lastEventId=1-0"),
     )
-    _open_chat(page, chat_server, _room())
+    _open_chat(page, chat_server, room)
     notice = page.locator("#notice")
     expect(notice).to_be_visible(timeout=WAIT_MS)
-    expect(notice).to_have_text("Some messages were missed while you were away.")
+    expect(notice).to_contain_text("Some messages were missed while you were away.")
+    event_id = _post(chat_server, room, "after the gap")
+    expect(page.locator("#messages li")).to_have_count(1, timeout=WAIT_MS)
+    assert _ids(page) == [event_id]
+    expect(notice).to_be_visible()
+
+    notice.get_by_role("button", name="Dismiss").click()
+    expect(notice).to_be_hidden()
+    assert _ids(page) == [event_id]
+
+
+def test_send_error_is_cleared_by_the_next_successful_send(
+    chat_server: Server, new_page: NewPage
+) -> None:
+    """A message that could not be sent says so, and keeps its text, until a
+    send succeeds."""
+    page, room = new_page(), _room()
+    sends: list[str] = []
+
+    def fail_first(route: Route) -> None:
+        sends.append(route.request.url)
+        if len(sends) == 1:
+            route.abort()
+        else:
+            route.continue_()
+
+    page.route(lambda url: url.endswith("/chat/send"), fail_first)
+    _open_chat(page, chat_server, room)
+    page.fill("input[name=text]", "try again")
+    page.click("#send button")
+    error = page.locator("#error")
+    expect(error).to_have_text("Not sent: Failed to fetch", timeout=WAIT_MS)
+    expect(page.locator("input[name=text]")).to_have_value("try again")
+
+    page.click("#send button")
+    expect(page.locator("#messages li")).to_have_count(1, timeout=WAIT_MS)
+    expect(error).to_have_text("")
+    expect(page.locator("input[name=text]")).to_have_value("")
+
+
+def test_send_error_is_cleared_when_the_stream_opens_again(
+    short_server: Server, new_page: NewPage
+) -> None:
+    """While the server is unreachable a send fails; once the stream is open
+    again the error no longer shows."""
+    server, room = short_server, _room()
+    page = new_page()
+    down = False
+    refused: list[str] = []
+
+    def stream(route: Route) -> None:
+        if down:
+            refused.append(route.request.url)
+            route.fulfill(status=502, body="Bad gateway.\n")
+        else:
+            route.continue_()
+
+    def send(route: Route) -> None:
+        if down:
+            route.abort()
+        else:
+            route.continue_()
+
+    page.route(lambda url: "/events?" in url, stream)
+    page.route(lambda url: url.endswith("/chat/send"), send)
+    _open_chat(page, server, room)
+    down = True
+    page.fill("input[name=text]", "anyone there?")
+    page.click("#send button")
+    error = page.locator("#error")
+    expect(error).to_have_text("Not sent: Failed to fetch", timeout=WAIT_MS)
+    state = page.locator("#state")
+    expect(state).to_have_text("reconnecting", timeout=WAIT_MS)
+    _wait_until(page, lambda: len(refused) >= 1, "a reconnect was refused")
+    expect(error).to_have_text("Not sent: Failed to fetch")
+
+    down = False
+    expect(state).to_have_text("open", timeout=WAIT_MS)
+    expect(error).to_have_text("")
+    expect(page.locator("input[name=text]")).to_have_value("anyone there?")
+
+
+def test_counter_page_counts_on_after_an_error_status(
+    chat_server: Server, new_page: NewPage
+) -> None:
+    """The counter page resumes from its last id after the browser gave up."""
+    page = new_page()
+    streams: list[str] = []
+
+    def answer(route: Route) -> None:
+        streams.append(route.request.url)
+        if len(streams) == 1:
+            # A stream that sends event 41 and ends: the browser retries.
+            body = "retry: 100\nevent: foo\nid: 41\ndata: earlier\n\n"
+            route.fulfill(status=200, content_type="text/event-stream", body=body)
+        elif len(streams) == 2:
+            route.fulfill(status=503, body="Busy.\n")
+        else:
+            route.continue_()
+
+    page.route(lambda url: "/stream" in url, answer)
+    page.goto(f"{chat_server.url}/")
+    first = page.locator("#events li").first
+    expect(first).to_have_text("id 42: Hello, world! (42)", timeout=WAIT_MS)
+    expect(page.locator("#state")).to_have_text("open")
+    assert streams[2] == f"{chat_server.url}/stream?lastEventId=41"
 
 
 def test_form_post_uses_the_default_room_and_name(
@@ -293,6 +400,17 @@ def _ids(page: Page) -> list[str]:
         t.cast(str, item.get_attribute("data-id"))
         for item in page.locator("#messages li").all()
     ]
+
+
+def _wait_until(page: Page, predicate: t.Callable[[], bool], what: str) -> None:
+    """Wait until ``predicate()``, which route handlers make true, holds.
+
+    Playwright runs route handlers only while the test waits on the page.
+    """
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while not predicate():
+        assert time.monotonic() < deadline, f"Not in time: {what}."
+        page.wait_for_timeout(50)
 
 
 def _stream_requests(page: Page) -> list[Request]:
