@@ -9,6 +9,7 @@ only ``broker.stats()``.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import typing as t
 from urllib.parse import quote
@@ -312,3 +313,112 @@ def resumed(app: Flask, sse: EventStream, channel: str, last_id: str) -> list[t.
             if event.id == marker:
                 return events
             events.append((event.event, event.data))
+
+
+#: Ids an app may give its events: each kind makes the id of the n-th event.
+CUSTOM_IDS: dict[str, cabc.Callable[[int], str]] = {
+    "database-key": lambda n: f"order-{n}",
+    "uuid": lambda n: f"0b7c6a1e-3f0e-4a43-9a54-{n:012d}",
+    "counter": lambda n: str(n),
+    # Looks like an id the broker gives, but is the app's own.
+    "broker-like": lambda n: f"{n}-0",
+    "unicode": lambda n: f"évènement {n} ☃",
+}
+
+
+def custom_id_resumes_after_its_event(
+    app: Flask, kind: str, channels: list[str]
+) -> None:
+    """A client that comes back with an id the app gave gets exactly the
+    events published after the event that carried it, on all its channels,
+    while another thread goes on publishing: no gap, no duplicate."""
+    sse, _ = eventstream_app(app)
+    make_id = CUSTOM_IDS[kind]
+    published: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def publish_one(n: int) -> None:
+        channel = channels[n % len(channels)]
+        with app.app_context(), lock:
+            published.append(
+                (sse.publish(f"event {n}", id=make_id(n), channel=channel), channel)
+            )
+
+    for n in range(10):
+        publish_one(n)
+
+    def burst() -> None:
+        n = 10
+        # Fewer than a channel keeps, so the id resumed from stays in history.
+        while not stop.is_set() and n < 900:
+            publish_one(n)
+            n += 1
+
+    publisher = threading.Thread(target=burst)
+    publisher.start()
+    try:
+        resume_from = make_id(4)
+        query = "&".join(f"channel={c}" for c in channels)
+        header = resume_from.encode().decode("latin-1")
+        with app.test_client().get(
+            f"/events?{query}", headers={"Last-Event-ID": header}, buffered=False
+        ) as rv:
+            assert rv.status_code == 200
+            # Let the burst run on while the stream replays and goes live.
+            got = read_events(rv, 20, timeout=10)
+            stop.set()
+            publisher.join(10)
+            with app.app_context():
+                marker = sse.publish("marker", channel=channels[0])
+            while got[-1].id != marker:
+                more = read_events(rv, 1, timeout=10)
+                assert more, "the stream ended before the marker"
+                got += more
+    finally:
+        stop.set()
+        publisher.join(10)
+    expected = [id for id, _ in published[5:]] + [marker]
+    assert [e.id for e in got] == expected
+    assert RESET not in {e.event for e in got}
+
+
+def given_ids_are_found_while_in_history(app: Flask) -> None:
+    """An id the app gave is found while its event is in history (the latest
+    event that carried it, if it was reused), then reset; a bad one is
+    refused and stores nothing."""
+    sse, _ = eventstream_app(app, EVENTSTREAM_HISTORY=3)
+    client = app.test_client()
+    marks = iter(range(100))
+
+    def replayed(last_id: str) -> list[str | None]:
+        # Ended by a marker on a channel of its own, which adds nothing to
+        # channel a's history.
+        mark = f"mark{next(marks)}"
+        headers = {"Last-Event-ID": last_id.encode().decode("latin-1")}
+        url = f"/events?channel=a&channel={mark}"
+        with client.get(url, headers=headers, buffered=False) as rv:
+            with app.app_context():
+                marker = sse.publish("marker", channel=mark)
+            events: list[Event] = []
+            while not events or events[-1].id != marker:
+                events += read_events(rv, 1)
+        return [e.data for e in events[:-1]]
+
+    for n, given in enumerate(["k0", "k1", "dup", "k3", "dup", "k5"]):
+        assert publish(app, sse, f"event {n}", id=given) == given
+    assert replayed("k0") == ["k0"]  # The reset names the id.
+    assert replayed("dup") == ["event 5"]
+    assert replayed("k3") == ["event 4", "event 5"]
+    # An app's id in the broker's form is still the app's id.
+    publish(app, sse, "event 6", id="1-0")
+    assert replayed("1-0") == []
+    assert replayed("k5") == ["event 6"]
+    for bad in ["", "x" * 201]:
+        try:
+            publish(app, sse, "refused", id=bad)
+        except ValueError as e:
+            assert "1-200 characters" in str(e)
+        else:
+            raise AssertionError(f"the id {bad!r} was taken")
+    assert replayed("k5") == ["event 6"]

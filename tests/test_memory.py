@@ -72,14 +72,6 @@ def test_ids_do_not_go_back_when_the_clock_does(clock: Clock) -> None:
     assert parse_id(broker.publish("a", Event("x"))) > parse_id(first)
 
 
-def test_given_id_of_the_brokers_form_must_be_greater(clock: Clock) -> None:
-    """A chosen ``<ms>-<seq>`` id keeps the broker's order, like Redis."""
-    broker = MemoryBroker()
-    assert broker.publish("a", Event("x", id="1800000000000-5")) == "1800000000000-5"
-    with pytest.raises(ValueError, match="must be at least 1800000000000-6"):
-        broker.publish("a", Event("x", id="1800000000000-5"))
-
-
 def test_history_is_bounded_per_channel() -> None:
     """Each channel keeps its last ``history`` events."""
     broker = MemoryBroker(history=5)

@@ -189,31 +189,22 @@ def test_ids_come_from_redis_and_order_events_across_channels(
     assert sorted(held.values()) == sorted([ids, ids[::3], ids[1::3], ids[2::3]])
 
 
-def test_explicit_id_of_the_brokers_form_must_be_greater_than_the_last(
+def test_ids_the_app_gave_leave_the_hash_with_their_entries(
     broker: RedisBroker, store: redis.Redis, prefix: str
 ) -> None:
-    """A chosen ``<ms>-<seq>`` id is used as is; a stale one is refused, unwritten."""
-    last = broker.publish("a", Event("x"))
-    chosen = f"{parse_id(last)[0] + 1000}-5"
-    assert broker.publish("b", Event("y", id=chosen)) == chosen
-    before = stream_lengths(store, prefix)
-    for stale in (chosen, f"{parse_id(chosen)[0]}-4", last):
-        with pytest.raises(ValueError, match="greater than the last one"):
-            broker.publish("a", Event("z", id=stale))
-    assert stream_lengths(store, prefix) == before
-    assert parse_id(broker.publish("a", Event("z"))) > parse_id(chosen)
-
-
-@pytest.mark.parametrize(
-    "bad", ["0-0", "99999999999999999999-0", "1-99999999999999999999"]
-)
-def test_explicit_id_that_redis_cannot_store_is_a_value_error(
-    broker: RedisBroker, store: redis.Redis, prefix: str, bad: str
-) -> None:
-    """Ids Redis refuses (0-0, past 64 bits) are bad arguments, not outages."""
-    with pytest.raises(ValueError, match="id"):
-        broker.publish("a", Event("x", id=bad))
-    assert stream_lengths(store, prefix) == {}
+    """The hash that finds an app's ids holds only those still in history."""
+    small = RedisBroker(broker.store.url, history=2, prefix=prefix)
+    try:
+        for given in ["a0", "a1", "a2"]:
+            small.publish("a", Event("x", id=given))
+        entries = t.cast("list[t.Any]", store.xrange(f"{prefix}:channel:a"))
+        assert store.hgetall(f"{prefix}:ids:a") == {
+            fields["i"]: entry_id for entry_id, fields in entries
+        }
+        assert sorted(store.hkeys(f"{prefix}:ids:a")) == ["a1", "a2"]
+        assert 0 < store.pttl(f"{prefix}:ids:a") <= 86400 * 1000
+    finally:
+        small.close()
 
 
 def test_publish_on_one_broker_reaches_subscribers_of_another(
@@ -283,10 +274,10 @@ def test_refused_id_leaves_no_trace(
 ) -> None:
     """A refused id writes nothing, not even the record of trimming."""
     broker = new_broker(history=1)
-    last = broker.publish("a", Event("x"))
+    broker.publish("a", Event("x"))
     before = {key: store.dump(key) for key in store.scan_iter(f"{prefix}:*")}
     with pytest.raises(ValueError):
-        broker.publish("a", Event("y", id=last))
+        broker.publish("a", Event("y", id="x" * 201))
     after = {key: store.dump(key) for key in store.scan_iter(f"{prefix}:*")}
     assert after == before
 
@@ -728,11 +719,11 @@ def channel_ahead_of_all(
     app: Flask, sse: EventStream, store: redis.Redis, prefix: str
 ) -> str:
     """Leave channel a's stream with a greater id than the stream of all events
-    and return that id: an app-given id an hour ahead (or Redis's clock
-    stepped back), then the stream of all events deleted or evicted."""
+    and return that id: an entry an hour ahead (Redis's clock stepped back,
+    or another writer), then the stream of all events deleted or evicted."""
     published(app, sse, "old", channel="a")
     ahead = f"{int(time.time() * 1000) + 3_600_000}-0"
-    published(app, sse, "given id", channel="a", id=ahead)
+    store.xadd(f"{prefix}:channel:a", {"c": "a", "d": "ahead"}, id=ahead)
     store.delete(f"{prefix}:all")
     return ahead
 
@@ -755,18 +746,23 @@ def test_publish_after_the_stream_of_all_events_was_lost_stores_it_whole(
         ]
 
 
-def test_given_id_not_after_the_channels_newest_is_refused_and_writes_nothing(
+def test_given_id_while_the_channel_is_ahead_is_stored_once_in_both_streams(
     redis_app: tuple[Flask, EventStream], store: redis.Redis, prefix: str
 ) -> None:
-    """ValueError, and neither stream changes, though the other took the id."""
+    """An app's id, even one that looks like an id Redis gave, is the app's:
+    the event is stored once in each stream, after the channel's newest."""
     app, sse = redis_app
     newest = channel_ahead_of_all(app, sse, store, prefix)
     before = lengths(store, prefix, "a")
-    half_way = f"{int(time.time() * 1000) + 1_800_000}-0"
-    for stale in (newest, half_way):
-        with pytest.raises(ValueError, match="id"):
-            published(app, sse, "stale", channel="a", id=stale)
-        assert lengths(store, prefix, "a") == before, f"after {stale}"
+    for given in (newest, "0-1"):
+        assert published(app, sse, given, channel="a", id=given) == given
+    all_events, channel = lengths(store, prefix, "a")
+    assert (all_events, channel) == (before[0] + 2, before[1] + 2)
+    newest_entry = t.cast(
+        "list[t.Any]", store.xrevrange(f"{prefix}:channel:a", count=1)
+    )
+    (entry_id, fields), *_ = newest_entry
+    assert parse_id(entry_id) > parse_id(newest) and fields["i"] == "0-1"
 
 
 @pytest.mark.parametrize(

@@ -80,3 +80,17 @@ def test_malformed_id_gets_400_and_subscribes_nothing(
 ) -> None:
     """Over 200 characters, CR, LF, NUL or not UTF-8: 400 from endpoint and listen."""
     scenarios.malformed_id_gets_400(any_app, caplog, by, last_event_id)
+
+
+@pytest.mark.parametrize("channels", [["a"], ["a", "b", "c"]], ids=["one", "three"])
+@pytest.mark.parametrize("kind", scenarios.CUSTOM_IDS)
+def test_id_the_app_gave_resumes_after_its_event_during_a_burst(
+    any_app: Flask, kind: str, channels: list[str]
+) -> None:
+    """Any string is an id: a client back with one is replayed what came after."""
+    scenarios.custom_id_resumes_after_its_event(any_app, kind, channels)
+
+
+def test_id_the_app_gave_is_found_while_its_event_is_in_history(any_app: Flask) -> None:
+    """Found in history, the latest if reused, reset once gone; bad ones refused."""
+    scenarios.given_ids_are_found_while_in_history(any_app)

@@ -44,7 +44,7 @@ class BrokerError(Exception):
 
 
 def parse_id(value: str) -> tuple[int, int]:
-    """Return the order of an id the broker issued, ``<milliseconds>-<seq>``.
+    """Return the order of an id in the broker's form, ``<milliseconds>-<seq>``.
 
     :raises ValueError: if ``value`` is not such an id.
     """
@@ -56,6 +56,17 @@ def parse_id(value: str) -> tuple[int, int]:
             f" sequence number); got {value[:60]!r}."
         )
     return int(match[1]), int(match[2])
+
+
+def check_given_id(value: str) -> str:
+    """Return an id an app gave an event if it is one: 1-200 characters
+    (the event itself refuses CR, LF and NUL), else raise ValueError."""
+    if not 1 <= len(value) <= 200:
+        raise ValueError(
+            "An event id is 1-200 characters without a line break or NUL"
+            f" (got {len(value)} characters); leave 'id' out to have one assigned."
+        )
+    return value
 
 
 def check_channel(name: object) -> str:

@@ -8,6 +8,7 @@ import time
 import typing as t
 
 from .base import Broker
+from .base import check_given_id
 from .base import DEFAULT_HISTORY_TTL_SECONDS
 from .base import expired
 from .base import Message
@@ -20,10 +21,12 @@ if t.TYPE_CHECKING:
 
 
 class _History:
-    __slots__ = ("evicted", "messages", "touched")
+    __slots__ = ("evicted", "given", "messages", "touched")
 
     def __init__(self, size: int) -> None:
         self.messages: collections.deque[Message] = collections.deque(maxlen=size)
+        # The order of each event in history whose id the app gave.
+        self.given: dict[str, tuple[int, int]] = {}
         # The newest event that the channel's history no longer holds.
         self.evicted = (0, 0)
         self.touched = time.monotonic()
@@ -46,39 +49,42 @@ class MemoryStore:
         self._last = (self._started[0], -1)
 
     def append(self, channel: str, event: Event) -> Message:
-        """Store ``event``, giving it an id unless it has one."""
+        """Store ``event`` and order it; it gets an id unless it has one."""
+        if event.id is not None:
+            check_given_id(event.id)
         ms, seq = self._last
+        now = int(time.time() * 1000)
+        order = self._last = (now, 0) if now > ms else (ms, seq + 1)
         if event.id is None:
-            now = int(time.time() * 1000)
-            order = (now, 0) if now > ms else (ms, seq + 1)
             event = dataclasses.replace(event, id=f"{order[0]}-{order[1]}")
-        elif (order := parse_id(event.id)) <= self._last:
-            raise ValueError(
-                f"An event id must be at least {ms}-{seq + 1}, after every id"
-                f" this broker issued; got {event.id!r}. Leave 'id' out to have"
-                " one assigned."
-            )
-        self._last = order
         self._drop_quiet()
         # Moved to the end: the channels stay in the order of their last event.
         kept: _History | None = self._channels.pop(channel, None)
         kept = self._channels[channel] = kept or _History(self.history)
         kept.touched = time.monotonic()
         if len(kept.messages) == self.history:
-            kept.evicted = kept.messages[0].order
+            gone = kept.messages[0]
+            kept.evicted = gone.order
+            if kept.given.get(t.cast(str, gone.event.id)) == gone.order:
+                del kept.given[t.cast(str, gone.event.id)]
         message = Message.of(event, order)
         kept.messages.append(message)
+        if event.id is not None and event.id != f"{order[0]}-{order[1]}":
+            kept.given[event.id] = order
         return message
 
     def read_after(self, channels: tuple[str, ...], last_id: str) -> list[Message]:
         """Events of ``channels`` after ``last_id``, after a reset if some
         are gone or the id is not one this store can resume from."""
-        try:
-            after = parse_id(last_id)
-        except ValueError:
-            return replay(last_id, [], lost=True)
         self._drop_quiet()
         kept = [self._channels.get(ch) for ch in channels]
+        # An id the app gave is found in history; the latest event that
+        # carried it counts. Any other must be in the broker's form.
+        given = [h.given[last_id] for h in kept if h and last_id in h.given]
+        try:
+            after = max(given) if given else parse_id(last_id)
+        except ValueError:
+            return replay(last_id, [], lost=True)
         lost = (
             not self._started <= after <= self._last
             or any(h is None and expired(after, self.ttl) for h in kept)

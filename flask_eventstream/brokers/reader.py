@@ -135,7 +135,7 @@ def message(entry_id: str, fields: dict[str, str]) -> Message:
     event = Event(
         fields.get("d"),
         event=fields.get("e"),
-        id=entry_id,
+        id=fields.get("i", entry_id),
         retry=int(retry) if retry is not None else None,
     )
     return Message.of(event, parse_id(entry_id))

@@ -30,6 +30,7 @@ from ..concurrency import current_backend
 from ..event import data_text
 from .base import Broker
 from .base import BrokerError
+from .base import check_given_id
 from .base import DEFAULT_HISTORY_TTL_SECONDS
 from .base import expired
 from .base import parse_id
@@ -48,7 +49,9 @@ if t.TYPE_CHECKING:
 # events if that was deleted, or Redis's clock stepped back. Streams are
 # trimmed with XDEL, not MAXLEN, because then Redis keeps the newest id it
 # removed in the stream itself (max-deleted-entry-id), where replay and the
-# reader find it, whatever other key is lost.
+# reader find it, whatever other key is lost. An id the app gave is kept in
+# the entry, and in a hash of the channel, for replay to find it, as long
+# as the entry is in history.
 _PUBLISH = """
 local function newest(key)
   local entry = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
@@ -60,15 +63,13 @@ local function before(a, b)
   if am ~= bm then return #am < #bm or (#am == #bm and am < bm) end
   return #as < #bs or (#as == #bs and as < bs)
 end
+local given = ARGV[3]
 local fields = {'c', ARGV[1]}
+if given ~= '' then fields = {'c', ARGV[1], 'i', given} end
 for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
-local all, channel = newest(KEYS[1]), newest(KEYS[2])
-local keys, lengths, id = {KEYS[1], KEYS[2]}, {ARGV[2], ARGV[4]}, ARGV[3]
-if id ~= '*' then
-  if not (before(all, id) and before(channel, id)) then
-    return redis.error_reply('ID given is not after the newest id of its streams')
-  end
-elseif before(all, channel) then
+local keys, lengths, id = {KEYS[1], KEYS[2]}, {ARGV[2], ARGV[4]}, '*'
+local channel = newest(KEYS[2])
+if before(newest(KEYS[1]), channel) then
   -- The channel stream gives the id: the next after its newest.
   id = string.match(channel, '%d+') .. '-*'
   keys, lengths = {KEYS[2], KEYS[1]}, {ARGV[4], ARGV[2]}
@@ -79,6 +80,12 @@ local function add(key, length, id)
   if over > 0 then
     for _, entry in ipairs(redis.call('XRANGE', key, '-', '+', 'COUNT', over)) do
       redis.call('XDEL', key, entry[1])
+      local f = entry[2]
+      -- The app's id leaves with its entry, unless a later one took it.
+      if key == KEYS[2] and f[3] == 'i'
+          and redis.call('HGET', KEYS[4], f[4]) == entry[1] then
+        redis.call('HDEL', KEYS[4], f[4])
+      end
     end
   end
   return id
@@ -86,6 +93,10 @@ end
 id = add(keys[1], lengths[1], id)
 add(keys[2], lengths[2], id)
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
+if given ~= '' then
+  redis.call('HSET', KEYS[4], given, id)
+  redis.call('PEXPIRE', KEYS[4], ARGV[5])
+end
 redis.call('SET', KEYS[3], id, 'NX')
 return id
 """
@@ -113,27 +124,40 @@ class RedisStore:
 
     def append(self, channel: str, event: Event) -> str:
         """Store ``event`` on ``channel`` and return its id."""
-        # Written as Redis writes ids, so that the script compares them.
-        given = "*" if event.id is None else "{}-{}".format(*parse_id(event.id))
+        given = "" if event.id is None else check_given_id(event.id)
         fields = [] if event.data is None else ["d", data_text(event.data)]
         if event.event is not None:
             fields += ["e", event.event]
         if event.retry is not None:
             fields += ["r", str(event.retry)]
-        keys = [self.all, f"{self.prefix}:channel:{channel}", self._first]
+        keys = [self.all, self._channel(channel), self._first, self._given(channel)]
         ttl_ms = max(1, int(self.ttl * 1000))
         args: list[t.Any] = [channel, self.all_length, given, self.history, ttl_ms]
         try:
-            return t.cast(str, self._publish(keys, args + fields, self.commands()))
+            entry_id = self._publish(keys, args + fields, self.commands())
         except redis.ResponseError as e:
-            if event.id is not None and "ID" in str(e):
-                raise ValueError(
-                    f"An event id must be greater than the last one issued; got"
-                    f" {event.id!r} ({e}). Leave 'id' out to have one assigned."
-                ) from None
             raise BrokerError(f"Redis refused the event: {e}") from e
         except redis.RedisError as e:
             raise self.unreachable("publish", e) from e
+        return given or t.cast(str, entry_id)
+
+    def find(self, channels: tuple[str, ...], last_id: str) -> tuple[int, int] | None:
+        """The order of the event a client saw last: the latest of
+        ``channels`` that carried ``last_id`` as the app's id, else the id
+        itself in the broker's form; None if it is neither."""
+        pipe = self.commands().pipeline(transaction=False)
+        for channel in channels:
+            pipe.hget(self._given(channel), last_id)
+        try:
+            found = [parse_id(entry) for entry in pipe.execute() if entry]
+        except redis.RedisError as e:
+            raise self.unreachable("subscribe", e) from e
+        if found:
+            return max(found)
+        try:
+            return parse_id(last_id)
+        except ValueError:
+            return None
 
     def newest(self) -> str:
         """The newest id of the stream of all events ("0-0" for none)."""
@@ -146,17 +170,20 @@ class RedisStore:
         return t.cast(str, info["last-generated-id"])
 
     def read_after(
-        self, channels: tuple[str, ...], last_id: str, until: str
+        self,
+        channels: tuple[str, ...],
+        last_id: str,
+        after: tuple[int, int] | None,
+        until: str,
     ) -> list[Message]:
-        """Events of ``channels`` after ``last_id`` up to ``until``, after a
-        reset if some are gone or the id is not one Redis issued."""
-        try:
-            after = parse_id(last_id)
-        except ValueError:
+        """Events of ``channels`` after ``last_id``, whose order is ``after``
+        (None if not found), up to ``until``, after a reset if some are gone
+        or the id is not one Redis knows."""
+        if after is None:
             return replay(last_id, [], lost=True)
         pipe = self.commands().pipeline(transaction=False)
         for channel in channels:
-            key = f"{self.prefix}:channel:{channel}"
+            key = self._channel(channel)
             pipe.xrange(key, min=f"({after[0]}-{after[1]}", max=until)
             pipe.xinfo_stream(key)
         pipe.get(self._first)
@@ -183,6 +210,13 @@ class RedisStore:
             )
         )
         return replay(last_id, [[message(*entry) for entry in r] for r in runs], lost)
+
+    def _channel(self, channel: str) -> str:
+        return f"{self.prefix}:channel:{channel}"
+
+    def _given(self, channel: str) -> str:
+        # The ids the app gave the events of the channel's history.
+        return f"{self.prefix}:ids:{channel}"
 
     def overtaken(self, connection: redis.Redis, position: str) -> bool:
         """Whether trimming removed events after ``position`` unread."""
@@ -260,10 +294,13 @@ class RedisBroker(Broker):
 
     def attach(self, subscription: Subscription) -> list[Message]:
         last_id = subscription.last_event_id
-        try:
-            after = parse_id(last_id or "0-0")
-        except ValueError:
-            after = (0, 0)  # Not an id Redis issued: replay resets it.
+        found: tuple[int, int] | None = (0, 0)
+        if last_id is not None:
+            found = current_backend().call(
+                lambda: self.store.find(subscription.channels, last_id)
+            )
+        # An id Redis does not know replays nothing, and is reset.
+        after = found or (0, 0)
         # The newest id Redis has issued, fetched when it is needed: to start
         # the reader, or to learn whether a client is ahead of the reader.
         newest: str | None = None
@@ -293,7 +330,9 @@ class RedisBroker(Broker):
             return []
         try:
             return current_backend().call(
-                lambda: self.store.read_after(subscription.channels, last_id, position)
+                lambda: self.store.read_after(
+                    subscription.channels, last_id, found, position
+                )
             )
         except BrokerError:
             self.detach(subscription)
