@@ -29,27 +29,67 @@ def _shared_state(command: str) -> EventStreamState:
     if not state.broker.shared:
         raise click.ClickException(
             f"'{command}' talks to the running servers through the broker, but"
-            " the in-memory broker lives inside each server process. Set"
-            " EVENTSTREAM_BROKER_URL=redis://host:port/db for the app and its"
-            " servers."
+            " the in-memory broker lives inside each server process. Give the"
+            " app and its servers a Redis broker: set the config key"
+            " EVENTSTREAM_BROKER_URL=redis://host:port/db or, for an app that"
+            " calls app.config.from_prefixed_env(), the environment variable"
+            " FLASK_EVENTSTREAM_BROKER_URL=redis://host:port/db."
         )
     return state
+
+
+def _compact_json(text: str) -> str:
+    """Return the JSON ``text`` in its compact encoding, or raise a usage error."""
+    try:
+        # Python reads NaN, Infinity and 1e999 as floats that JSON cannot
+        # express; refuse them rather than send data that JSON.parse rejects.
+        return json.dumps(
+            json.loads(text),
+            separators=(",", ":"),
+            ensure_ascii=False,
+            allow_nan=False,
+        )
+    except ValueError as e:
+        message = f"with '--json' it must be JSON ({e})."
+        raise click.BadParameter(message, param_hint="'DATA'") from None
 
 
 @eventstream.command("publish")
 @click.argument("channel")
 @click.argument("data")
-@click.option("--event", "event_type", help="The event type (event: field).")
-@click.option("--id", "event_id", help="The id; by default Redis assigns one.")
+@click.option(
+    "--event", "event_type", metavar="NAME", help="The event type (event: field)."
+)
+@click.option(
+    "--id",
+    "event_id",
+    metavar="ID",
+    help="The id (id: field), 1-200 characters without CR, LF or NUL;"
+    " by default the broker assigns one.",
+)
+@click.option(
+    "--retry",
+    type=click.IntRange(min=0),
+    metavar="MS",
+    help="The client's reconnection delay in milliseconds (retry: field).",
+)
+@click.option("--json", "as_json", is_flag=True, help="DATA is JSON; send it compact.")
 def publish_command(
-    channel: str, data: str, event_type: str | None, event_id: str | None
+    channel: str,
+    data: str,
+    event_type: str | None,
+    event_id: str | None,
+    retry: int | None,
+    as_json: bool,
 ) -> None:
     """Publish DATA on CHANNEL; every subscriber of every server gets it."""
     state = _shared_state("publish")
+    if as_json:
+        data = _compact_json(data)
     try:
         check_channel(channel)
         new_id = state.broker.publish(
-            channel, Event(data, event=event_type, id=event_id)
+            channel, Event(data, event=event_type, id=event_id, retry=retry)
         )
     except (ValueError, BrokerError) as e:
         raise click.ClickException(str(e)) from None
