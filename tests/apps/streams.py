@@ -15,10 +15,12 @@ import threading
 import time
 import typing as t
 
+from flask import abort
 from flask import Flask
 from flask import request
 
 from example_app import create_app as create_demo
+from flask_eventstream import BrokerError
 from flask_eventstream import Event
 from flask_eventstream import EventStream
 from flask_eventstream import stream_events
@@ -26,6 +28,11 @@ from flask_eventstream.concurrency import current_backend
 from flask_eventstream.watcher import watcher_for
 
 state = {"started": 0, "finished": 0}
+#: Keys that ``POST /release`` has let go, for streams that wait on one.
+released: set[str] = set()
+#: The start of the message of the exception that ``/raises`` raises; it
+#: belongs in the server's log, never on the wire.
+FAILURE_MESSAGE = "The view failed with a detail the client must not see"
 #: Descriptors the app holds open, as a busy server's connections would.
 held_fds: list[int] = []
 
@@ -154,5 +161,92 @@ def create_app() -> Flask:
             "fds": len(os.listdir("/proc/self/fd")),
             "rss_kib": _rss_kib(),
         }
+
+    def failing(tag: str) -> t.Iterator[Event]:
+        yield Event("first", id="1")
+        raise RuntimeError(f"{FAILURE_MESSAGE} ({tag}).")
+
+    def forbidden() -> t.Iterator[Event]:
+        yield Event("first", id="1")
+        abort(403)
+
+    def finishing(count: int) -> t.Iterator[Event]:
+        for n in range(count):
+            yield Event(str(n), id=str(n))
+
+    def until_released(key: str) -> t.Iterator[None]:
+        # Silent on the wire until a client says so, so that only
+        # keep-alives are sent meanwhile.
+        while key not in released:
+            time.sleep(0.05)
+            yield None
+
+    def fields(key: str) -> t.Iterator[Event | None]:
+        # Every kind of block that is not an event, before and after an id.
+        yield Event(comment="a comment")
+        yield Event()
+        yield Event(retry=2500)
+        yield Event("one", id="1")
+        yield Event(comment="after an id")
+        yield Event()
+        yield Event(retry=2000)
+        yield Event("two")
+        yield from until_released(key)
+        yield Event("three", event="named", id="3")
+        yield Event(comment="the last event was sent")
+        yield from checkpoints()
+
+    def aging() -> t.Iterator[Event | None]:
+        yield Event("first", id="1")
+        yield from checkpoints()
+
+    @app.get("/raises")
+    @stream_events(keep_alive=15)
+    def raising_stream() -> t.Iterator[t.Any]:
+        # The tag makes each failure's log line its own.
+        return _tracked(failing(request.args.get("tag", "")))
+
+    @app.get("/forbidden")
+    @stream_events(keep_alive=15)
+    def forbidden_stream() -> t.Iterator[t.Any]:
+        return _tracked(forbidden())
+
+    @app.get("/finishes")
+    @stream_events(keep_alive=15)
+    def finishing_stream() -> t.Iterator[t.Any]:
+        return _tracked(finishing(request.args.get("count", 3, type=int)))
+
+    @app.get("/fields")
+    @stream_events(keep_alive=0.2, retry=3000)
+    def fields_stream() -> t.Iterator[t.Any]:
+        # Waits for ``POST /release`` with the same key after its second
+        # event, sending keep-alives meanwhile.
+        return _tracked(fields(request.args["key"]))
+
+    @app.get("/aged")
+    @stream_events(keep_alive=15, max_age=1)
+    def aged_stream() -> t.Iterator[t.Any]:
+        return _tracked(aging())
+
+    @app.post("/release")
+    def release() -> dict[str, str]:
+        released.add(request.form["key"])
+        return {}
+
+    @app.post("/try-publish")
+    def try_publish() -> tuple[dict[str, str], int]:
+        # What an app answers when the broker cannot take an event.
+        sse = t.cast(EventStream, app.blueprints["eventstream"])
+        channel, data = request.form["channel"], request.form["data"]
+        try:
+            return {"id": sse.publish(data, channel=channel)}, 200
+        except BrokerError as e:
+            return {"error": str(e)}, 503
+
+    @app.get("/subscribers")
+    def subscribers() -> dict[str, int]:
+        """Open subscriptions in this worker, per channel."""
+        broker = app.extensions["eventstream"].broker
+        return t.cast(dict[str, int], broker.stats()["channels"])
 
     return app
