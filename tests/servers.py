@@ -178,18 +178,21 @@ def open_stream(
     method: str = "GET",
     headers: dict[str, str] | None = None,
 ) -> socket.socket:
-    """Send a request on a raw socket and return the socket unread."""
+    """Send a request on a raw socket and return the socket unread.
+
+    It accepts ``text/event-stream``, as EventSource does, unless ``headers``
+    say otherwise.
+    """
     sock = socket.socket()
-    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    headers = {"Accept": "text/event-stream", **(headers or {})}
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     try:
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.settimeout(10)
         sock.connect(("127.0.0.1", port))
-        sock.sendall(
-            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Accept: text/event-stream\r\n{extra}\r\n".encode()
-        )
+        request = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}\r\n"
+        sock.sendall(request.encode())
     except BaseException:
         sock.close()
         raise
@@ -237,8 +240,16 @@ class EventClient:
     :param last_event_id: sent as the ``Last-Event-ID`` header.
     """
 
-    def __init__(self, port: int, path: str, last_event_id: str | None = None) -> None:
-        headers = {} if last_event_id is None else {"Last-Event-ID": last_event_id}
+    def __init__(
+        self,
+        port: int,
+        path: str,
+        last_event_id: str | None = None,
+        accept: str = "text/event-stream",
+    ) -> None:
+        headers = {"Accept": accept}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = last_event_id
         self.sock = open_stream(port, path, headers=headers)
         self.parser = EventParser()
         self.events: list[Event] = []
