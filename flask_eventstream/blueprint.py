@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import functools
 import hashlib
 import importlib.resources
 import random
 import typing as t
+import weakref
 
 from flask import abort
 from flask import Blueprint
@@ -66,6 +69,15 @@ SCRIPT_MAX_AGE_SECONDS = 365 * 86400
 _ROUTED_METHODS = ["GET", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"]
 _ALLOW = {"Allow": "GET, HEAD, OPTIONS"}
 
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "from the config"
+
+
+# The default of a stream option that the app's config sets.
+UNSET: t.Any = _Unset()
+
 #: Why :meth:`EventStreamState.reserve` refused a stream.
 Refusal = t.Literal["process", "client"]
 
@@ -86,26 +98,42 @@ class EventStreamState:
         self.max_per_client = _count(
             config, "EVENTSTREAM_MAX_CONNECTIONS_PER_CLIENT", optional=True
         )
-        try:
-            self.options = StreamOptions.create(
-                retry=config["EVENTSTREAM_RETRY"],
-                max_age=config["EVENTSTREAM_MAX_AGE"],
-            )
-            history_ttl = seconds(
-                "EVENTSTREAM_HISTORY_TTL",
-                config["EVENTSTREAM_HISTORY_TTL"],
-                optional=False,
-            )
-        except ValueError as e:
+        unknown = [k for k in config if k.startswith("EVENTSTREAM_")]
+        for key in sorted(set(unknown) - set(DEFAULTS)):
+            close = difflib.get_close_matches(key, DEFAULTS, 1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise ValueError(f"{key} is not a setting of Flask-EventStream.{hint}")
+        #: The stream options that the config sets, each checked here.
+        self.stream_defaults: dict[str, t.Any] = {
+            "retry": _retry(config, "EVENTSTREAM_RETRY"),
+            **{
+                name: seconds(key, config[key])
+                for name, key in [
+                    ("keep_alive", "EVENTSTREAM_KEEPALIVE"),
+                    ("max_age", "EVENTSTREAM_MAX_AGE"),
+                    ("send_timeout", "EVENTSTREAM_SEND_TIMEOUT"),
+                ]
+            },
+        }
+        history_ttl = seconds(
+            "EVENTSTREAM_HISTORY_TTL", config["EVENTSTREAM_HISTORY_TTL"], optional=False
+        )
+        prefix = config["EVENTSTREAM_KEY_PREFIX"]
+        if not isinstance(prefix, str) or not prefix:
             raise ValueError(
-                f"Check EVENTSTREAM_RETRY, EVENTSTREAM_MAX_AGE and"
-                f" EVENTSTREAM_HISTORY_TTL: {e}"
-            ) from None
+                f"EVENTSTREAM_KEY_PREFIX must be a non-empty string (got {prefix!r})."
+            )
+        url = config["EVENTSTREAM_BROKER_URL"]
+        if not isinstance(url, str):
+            raise ValueError(
+                "EVENTSTREAM_BROKER_URL must be a URL such as memory:// or"
+                f" redis://host:6379/0 (got {url!r})."
+            )
         self.broker: Broker = broker_from_url(
-            config["EVENTSTREAM_BROKER_URL"],
+            url,
             history=self.history,
             history_ttl=t.cast(float, history_ttl),
-            prefix=config["EVENTSTREAM_KEY_PREFIX"],
+            prefix=prefix,
         )
         #: Streams open now in this process.
         self.streams = 0
@@ -157,7 +185,20 @@ class EventStream(Blueprint):
 
     :param name: the blueprint's name.
     :param import_name: the blueprint's import name.
+    :param keep_alive: seconds of silence before a keep-alive; ``None``
+        sends none. Defaults to ``EVENTSTREAM_KEEPALIVE``.
+    :param heartbeat: an event to send instead of the keep-alive comment.
+    :param retry: the reconnection delay sent as a stream opens, in
+        milliseconds. Defaults to ``EVENTSTREAM_RETRY``.
+    :param max_age: seconds after which a stream ends cleanly. Defaults to
+        ``EVENTSTREAM_MAX_AGE``.
+    :param send_timeout: seconds a client may take no data before its
+        stream ends. Defaults to ``EVENTSTREAM_SEND_TIMEOUT``.
     :param blueprint_kwargs: passed on to :class:`flask.Blueprint`.
+
+    The stream options apply to the blueprint's endpoint, as those of
+    :func:`~flask_eventstream.stream_events` to a view; they are checked
+    here, and the config's at registration.
 
     .. versionadded:: 0.1
     """
@@ -166,8 +207,27 @@ class EventStream(Blueprint):
         self,
         name: str = "eventstream",
         import_name: str = __name__,
+        *,
+        keep_alive: float | None = UNSET,
+        heartbeat: Event | None = None,
+        retry: int | None = UNSET,
+        max_age: float | None = UNSET,
+        send_timeout: float | None = UNSET,
         **blueprint_kwargs: t.Any,
     ) -> None:
+        given: dict[str, t.Any] = {
+            "keep_alive": keep_alive,
+            "heartbeat": heartbeat,
+            "retry": retry,
+            "max_age": max_age,
+            "send_timeout": send_timeout,
+        }
+        self._given_options = {k: v for k, v in given.items() if v is not UNSET}
+        # Checked now, so a wrong argument fails where it is written.
+        StreamOptions.create(**self._given_options)
+        self._options: weakref.WeakKeyDictionary[App, StreamOptions] = (
+            weakref.WeakKeyDictionary()
+        )
         blueprint_kwargs.setdefault("cli_group", "eventstream")
         super().__init__(name, import_name, **blueprint_kwargs)
         for command in eventstream_commands.commands.values():
@@ -189,10 +249,21 @@ class EventStream(Blueprint):
         )
 
     def register(self, app: App, options: dict[str, t.Any]) -> None:
+        if not options.get("url_prefix", self.url_prefix):
+            raise ValueError(
+                "Register the EventStream blueprint with a url_prefix, such as"
+                " url_prefix='/events': without one its endpoint is the site's"
+                " root, where an index view would shadow it. Pass"
+                " url_prefix='/' to serve it there on purpose."
+            )
         if "eventstream" not in app.extensions:
             for key, value in DEFAULTS.items():
                 app.config.setdefault(key, value)
             app.extensions["eventstream"] = EventStreamState(app.config)
+        state: EventStreamState = app.extensions["eventstream"]
+        self._options[app] = StreamOptions.create(
+            **{**state.stream_defaults, **self._given_options}
+        )
         super().register(app, options)
 
     def authorize(self, fn: cabc.Callable[[str], bool]) -> cabc.Callable[[str], bool]:
@@ -243,26 +314,51 @@ class EventStream(Blueprint):
     ) -> str:
         """Publish an event on ``channel`` and return its id.
 
-        Works in any app context: a request, a CLI command, a background job.
+        Works in any app context (a request, a CLI command, a background
+        job) and from any thread.
 
-        :param data: a ``str``, or anything the app's JSON provider dumps.
+        .. code-block:: python
+
+            sse.publish({"text": "hi"}, event="message", channel="room.1")
+            sse.publish(Event({"text": "hi"}, event="message", id=str(row.id)))
+
+        :param data: a ``str``, anything the app's JSON provider dumps, or
+            an :class:`~flask_eventstream.Event`, published with its own
+            type, id and retry.
         :param event: the event type.
-        :param id: the id; by default the broker assigns one. A given id must
-            have the broker's form and be greater than every earlier one.
+        :param id: the id: any string of 1-200 characters without a line
+            break or NUL, such as a database key; by default the broker
+            assigns one. A client that comes back with it is replayed what
+            was published after its event.
         :param channel: the channel name.
         :param retry: reconnection delay for the clients, in milliseconds.
         :raises BrokerError: if the broker cannot be reached.
+        :raises TypeError: for ``event``, ``id`` or ``retry`` beside an Event.
         """
         check_channel(channel)
-        if data is None:
+        if isinstance(data, Event):
+            for name, value in [("event", event), ("id", id), ("retry", retry)]:
+                if value is not None:
+                    raise TypeError(
+                        f"'{name}' cannot be given beside an Event; set it on"
+                        " the Event instead."
+                    )
+            if data.comment is not None:
+                raise ValueError("A published Event cannot have a comment.")
+            message = data
+        else:
+            message = Event(data, event=event, id=id, retry=retry)
+        if message.data is None:
             raise ValueError("'data' is required: clients ignore events without it.")
-        if not isinstance(data, str):
-            data = current_app.json.dumps(data)
-        return _state().broker.publish(
-            channel, Event(data, event=event, id=id, retry=retry)
-        )
+        if not isinstance(message.data, str):
+            message = dataclasses.replace(
+                message, data=current_app.json.dumps(message.data)
+            )
+        return _state().broker.publish(channel, message)
 
-    def listen(self, *channels: str, last_event_id: str | None = None) -> Subscription:
+    def listen(
+        self, *channels: str, last_event_id: str | None = None, authorize: bool = True
+    ) -> Subscription:
         """Subscribe to ``channels``, for a ``@stream_events`` view to return.
 
         .. code-block:: python
@@ -276,6 +372,10 @@ class EventStream(Blueprint):
         :param last_event_id: replay the events after this id first. When
             ``None``, the request's ``Last-Event-ID`` header or
             ``lastEventId`` argument is used; pass ``""`` for no replay.
+        :param authorize: in a request, ask the :meth:`authorize` hook for
+            each channel, and refuse with 403 if it says no; pass False for
+            channels the view has checked itself.
+        :raises werkzeug.exceptions.Forbidden: if the hook refuses a channel.
         :raises werkzeug.exceptions.BadRequest: for a malformed id.
         :raises BrokerError: outside a request, if the broker cannot be
             reached. In a request the stream waits for the broker instead,
@@ -289,6 +389,10 @@ class EventStream(Blueprint):
         """
         state = _state()
         names = _channel_names(channels, state.max_channels)
+        if authorize and self._authorize is not None and has_request_context():
+            for name in names:
+                if not self._authorize(name):
+                    _refuse(403, f"Not allowed to subscribe to the channel {name!r}.")
         if last_event_id is None and has_request_context():
             last_event_id = _request_last_event_id()
         elif last_event_id:
@@ -345,11 +449,8 @@ class EventStream(Blueprint):
             names = _channel_names(_args().getlist("channel"), state.max_channels)
         except ValueError as e:
             _refuse(400, str(e))
-        if self._authorize is not None:
-            for name in names:
-                if not self._authorize(name):
-                    _refuse(403, f"Not allowed to subscribe to the channel {name!r}.")
-        return event_stream_response(self.listen(*names), state.options, "eventstream")
+        options = self._options[current_app._get_current_object()]  # type: ignore[attr-defined]
+        return event_stream_response(self.listen(*names), options, "eventstream")
 
 
 @functools.cache
@@ -451,6 +552,17 @@ def _refuse(
     status: int, message: str, headers: dict[str, str] | None = None
 ) -> t.NoReturn:
     abort(Response(message + "\n", status, headers, mimetype="text/plain"))
+
+
+def _retry(config: cabc.Mapping[str, t.Any], key: str) -> int | None:
+    value = config[key]
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or value < 0
+    ):
+        raise ValueError(
+            f"{key} must be a whole number of milliseconds, or None (got {value!r})."
+        )
+    return value
 
 
 def _count(config: cabc.Mapping[str, t.Any], key: str, optional: bool = False) -> t.Any:

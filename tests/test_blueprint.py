@@ -19,9 +19,12 @@ from flask import Flask
 from flask import request
 from werkzeug.exceptions import BadRequest
 
+from flask_eventstream import Event
 from flask_eventstream import EventStream
 from flask_eventstream import stream_events
+from flask_eventstream.blueprint import DEFAULTS
 from flask_eventstream.blueprint import EventStreamState
+from flask_eventstream.body import EventStreamBody
 from flask_eventstream.testing import read_events
 
 from . import scenarios
@@ -85,6 +88,14 @@ def test_subscribe_endpoint_is_the_prefix(app: Flask, sse: EventStream) -> None:
         ("EVENTSTREAM_HISTORY_TTL", "abc"),
         ("EVENTSTREAM_HISTORY_TTL", 0),
         ("EVENTSTREAM_HISTORY_TTL", -1),
+        ("EVENTSTREAM_KEEPALIVE", "abc"),
+        ("EVENTSTREAM_KEEPALIVE", 0),
+        ("EVENTSTREAM_SEND_TIMEOUT", "abc"),
+        ("EVENTSTREAM_SEND_TIMEOUT", -1),
+        ("EVENTSTREAM_KEY_PREFIX", ""),
+        ("EVENTSTREAM_KEY_PREFIX", 5),
+        ("EVENTSTREAM_BROKER_URL", None),
+        ("EVENTSTREAM_KEEP_ALIVE", 10),
     ],
 )
 def test_bad_config_is_refused_at_registration_naming_the_key(
@@ -714,3 +725,115 @@ def test_browser_module_is_served_with_its_version_in_the_url(
     assert (again.status_code, again.data) == (304, b"")
     stale = client.get(url.replace("v=", "v=old"))
     assert stale.headers["Cache-Control"] == "no-cache"
+
+
+def test_every_setting_has_a_bad_value_tested() -> None:
+    """Each EVENTSTREAM_* key is among those checked at registration."""
+    checked = {
+        key
+        for mark in test_bad_config_is_refused_at_registration_naming_the_key.pytestmark
+        for key, _ in mark.args[1]
+    }
+    assert set(DEFAULTS) <= checked
+
+
+def test_blueprint_without_url_prefix_is_refused(app: Flask) -> None:
+    """At the site's root, an index view would silently shadow the endpoint."""
+    with pytest.raises(ValueError, match="url_prefix"):
+        app.register_blueprint(EventStream())
+    app.register_blueprint(EventStream(), url_prefix="/")
+    assert app.url_map.bind("").match("/") == ("eventstream.subscribe", {})
+
+
+def test_stream_options_per_blueprint_override_the_config(
+    app: Flask, client: FlaskClient
+) -> None:
+    """keep_alive, heartbeat, retry, max_age and send_timeout per blueprint."""
+    app.config.update(EVENTSTREAM_RETRY=1000, EVENTSTREAM_SEND_TIMEOUT=30)
+    sse = EventStream(
+        keep_alive=0.05,
+        heartbeat=Event("beat", event="ping"),
+        retry=2500,
+        max_age=0.5,
+        send_timeout=7,
+    )
+    app.register_blueprint(sse, url_prefix="/events")
+    with client.get("/events", buffered=False) as rv:
+        body = b"".join(t.cast("t.Iterable[bytes]", rv.response))
+    assert body.startswith(b": stream opened\nretry: 2500\nevent: ping\ndata: beat\n\n")
+    assert body.endswith(b"event: ping\ndata: beat\n\n")
+    with app.test_request_context("/events"):
+        rv = t.cast(flask.Response, app.view_functions["eventstream.subscribe"]())
+    assert isinstance(rv.response, EventStreamBody)
+    assert rv.response.send_timeout == 7.0
+    rv.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"keep_alive": "15"}, "keep_alive"),
+        ({"max_age": 0}, "max_age"),
+        ({"send_timeout": -1}, "send_timeout"),
+        ({"retry": 1.5}, "retry"),
+        ({"heartbeat": "ping"}, "heartbeat"),
+    ],
+)
+def test_bad_blueprint_options_raise_naming_the_argument(
+    kwargs: dict[str, t.Any], name: str
+) -> None:
+    with pytest.raises((ValueError, TypeError), match=name):
+        EventStream(**kwargs)
+
+
+def test_publish_an_event_as_it_is(
+    app: Flask, sse: EventStream, client: FlaskClient
+) -> None:
+    """An Event is published with its own type, id and retry; event=, id= or
+    retry= beside it is a TypeError."""
+    with subscribed(client, "/events?channel=x") as rv:
+        given = publish(
+            app, sse, Event({"a": 1}, event="x", id="e-1", retry=5), channel="x"
+        )
+        (event,) = read_events(rv, 1)
+    assert given == "e-1"
+    assert (event.event, event.id, event.retry, event.data) == (
+        "x",
+        "e-1",
+        5,
+        '{"a": 1}',
+    )
+    for extra in ({"event": "y"}, {"id": "2"}, {"retry": 1}):
+        with pytest.raises(TypeError, match=next(iter(extra))):
+            publish(app, sse, Event("x"), **extra)
+
+
+def test_listen_runs_the_authorize_hook_in_a_request(
+    app: Flask, sse: EventStream, client: FlaskClient
+) -> None:
+    """A view that takes the channel from its URL is checked like the
+    endpoint; authorize=False opts out."""
+
+    @sse.authorize
+    def only_public(channel: str) -> bool:
+        return channel.startswith("public.")
+
+    @app.get("/users/<name>/events")
+    @stream_events
+    def user_events(name: str) -> Subscription:
+        return sse.listen(f"user.{name}")
+
+    @app.get("/trusted/<name>")
+    @stream_events
+    def trusted(name: str) -> Subscription:
+        return sse.listen(f"user.{name}", authorize=False)
+
+    rv = client.get("/users/alice/events")
+    assert rv.status_code == 403
+    assert state(app).streams == 0
+    assert state(app).broker.stats()["subscriptions"] == 0
+    with subscribed(client, "/trusted/alice"):
+        pass
+    # Outside a request there is nobody to ask.
+    with app.app_context():
+        sse.listen("user.bob").close()
