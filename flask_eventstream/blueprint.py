@@ -356,6 +356,30 @@ class EventStream(Blueprint):
             )
         return _state().broker.publish(channel, message)
 
+    def disconnect(self, *channels: str) -> None:
+        """End every open stream subscribed to any of ``channels``, in every
+        process that shares the broker (through Redis, within about a
+        second); other streams go on.
+
+        The streams end as a cut one does, so browsers reconnect, and meet
+        the :meth:`authorize` hook again: a logout or a revoked permission
+        takes effect at once.
+
+        .. code-block:: python
+
+            @app.post("/logout")
+            def logout():
+                sse.disconnect(f"user.{current_user.id}")
+                logout_user()
+                return redirect("/")
+
+        :raises BrokerError: if the broker cannot be reached.
+        """
+        names = list(dict.fromkeys(check_channel(c) for c in channels))
+        if not names:
+            raise TypeError("disconnect() needs at least one channel name.")
+        _state().broker.disconnect(names)
+
     def listen(
         self, *channels: str, last_event_id: str | None = None, authorize: bool = True
     ) -> Subscription:

@@ -422,3 +422,27 @@ def given_ids_are_found_while_in_history(app: Flask) -> None:
         else:
             raise AssertionError(f"the id {bad!r} was taken")
     assert replayed("k5") == ["event 6"]
+
+
+def disconnect_ends_the_streams_of_those_channels(app: Flask) -> None:
+    """disconnect("a") ends every stream that listens to a, however it was
+    opened, as a cut (no end event: the client reconnects); others go on."""
+    sse, _ = eventstream_app(app)
+    client = app.test_client()
+    urls = ["/events?channel=a", "/events?channel=c&channel=a", *VIEWS.values()]
+    ended = [client.get(url, buffered=False) for url in urls]
+    kept = client.get("/events?channel=b&channel=c", buffered=False)
+    try:
+        assert settled(app, len(urls) + 1) == len(urls) + 1
+        with app.app_context():
+            sse.disconnect("a")
+        for url, rv in zip(urls, ended, strict=True):
+            # Ended, within the timeout, with no event at all.
+            assert read_events(rv, 1, timeout=10) == [], url
+        assert settled(app, 1) == 1
+        with app.app_context():
+            sse.publish("still here", channel="b")
+        assert [e.data for e in read_events(kept, 1)] == ["still here"]
+    finally:
+        for rv in [*ended, kept]:
+            rv.close()

@@ -94,3 +94,8 @@ def test_id_the_app_gave_resumes_after_its_event_during_a_burst(
 def test_id_the_app_gave_is_found_while_its_event_is_in_history(any_app: Flask) -> None:
     """Found in history, the latest if reused, reset once gone; bad ones refused."""
     scenarios.given_ids_are_found_while_in_history(any_app)
+
+
+def test_disconnect_ends_the_streams_of_those_channels_only(any_app: Flask) -> None:
+    """The endpoint's, listen()'s and a generator's streams of the channel end."""
+    scenarios.disconnect_ends_the_streams_of_those_channels(any_app)

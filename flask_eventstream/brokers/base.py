@@ -136,6 +136,13 @@ class Broker(abc.ABC):
         """
 
     @abc.abstractmethod
+    def disconnect(self, channels: cabc.Sequence[str]) -> None:
+        """End the streams of ``channels`` in every process of the broker.
+
+        :raises BrokerError: if the broker cannot be reached.
+        """
+
+    @abc.abstractmethod
     def attach(self, subscription: Subscription) -> list[Message]:
         """Register ``subscription``; return what it must replay first, up
         to where its live events start."""

@@ -211,6 +211,13 @@ class FanOut:
         for sub in done:
             self.remove(sub)
 
+    def end_channels(self, channels: cabc.Iterable[str]) -> None:
+        """Interrupt and forget the subscriptions of ``channels``."""
+        for channel in channels:
+            for sub in list(self._channels.get(channel, ())):
+                self.remove(sub)
+                sub.interrupt()
+
     def end_all(self) -> None:
         """Interrupt and forget every subscription: their streams end."""
         subs = {sub for subs in self._channels.values() for sub in subs}

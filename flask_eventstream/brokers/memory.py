@@ -16,6 +16,8 @@ from .base import parse_id
 from .base import replay
 
 if t.TYPE_CHECKING:
+    import collections.abc as cabc
+
     from ..event import Event
     from .fanout import Subscription
 
@@ -136,6 +138,10 @@ class MemoryBroker(Broker):
             message = self.store.append(channel, event)
             self.fanout.deliver(channel, message)
         return t.cast(str, message.event.id)
+
+    def disconnect(self, channels: cabc.Sequence[str]) -> None:
+        with self.fanout.lock:
+            self.fanout.end_channels(channels)
 
     def attach(self, subscription: Subscription) -> list[Message]:
         last_id = subscription.last_event_id

@@ -31,6 +31,11 @@ READ_COUNT = 1000
 MAX_BACKOFF_SECONDS = 5.0
 #: How often the reader refreshes its worker's key for ``eventstream stats``.
 WORKER_KEY_SECONDS = 5
+#: The field of an entry that ends the streams of the channels it names.
+DISCONNECT = "disconnect"
+
+#: What the reader hands over: a channel's message, or channels to end.
+Read: t.TypeAlias = "tuple[str, Message] | tuple[None, list[str]]"
 
 
 class RedisReader:
@@ -117,10 +122,13 @@ class RedisReader:
             logger.warning("The Redis reader fell behind; ending streams.")
             self.broker.overtaken(last)
             return
-        messages = []
+        messages: list[Read] = []
         for entry_id, fields in entries:
             try:
                 text = {k.decode(): v.decode() for k, v in fields.items()}
+                if DISCONNECT in text:
+                    messages.append((None, text[DISCONNECT].split()))
+                    continue
                 messages.append((text["c"], message(entry_id.decode(), text)))
             except Exception as e:
                 logger.error(

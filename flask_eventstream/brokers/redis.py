@@ -35,10 +35,14 @@ from .base import DEFAULT_HISTORY_TTL_SECONDS
 from .base import expired
 from .base import parse_id
 from .base import replay
+from .reader import DISCONNECT
 from .reader import message
+from .reader import Read
 from .reader import RedisReader
 
 if t.TYPE_CHECKING:
+    import collections.abc as cabc
+
     from ..event import Event
     from .base import Message
     from .fanout import Subscription
@@ -140,6 +144,15 @@ class RedisStore:
         except redis.RedisError as e:
             raise self.unreachable("publish", e) from e
         return given or t.cast(str, entry_id)
+
+    def disconnect(self, channels: cabc.Sequence[str]) -> None:
+        """Tell every worker's reader to end the streams of ``channels``."""
+        try:
+            # In the stream of all events, so that it comes in order with
+            # them; replay reads channel streams only and never sees it.
+            self.commands().xadd(self.all, {DISCONNECT: " ".join(channels)})
+        except redis.RedisError as e:
+            raise self.unreachable("disconnect", e) from e
 
     def find(self, channels: tuple[str, ...], last_id: str) -> tuple[int, int] | None:
         """The order of the event a client saw last: the latest of
@@ -292,6 +305,9 @@ class RedisBroker(Broker):
         # The commands connection belongs to the hub's thread under gevent.
         return current_backend().call(lambda: self.store.append(channel, event))
 
+    def disconnect(self, channels: cabc.Sequence[str]) -> None:
+        current_backend().call(lambda: self.store.disconnect(channels))
+
     def attach(self, subscription: Subscription) -> list[Message]:
         last_id = subscription.last_event_id
         found: tuple[int, int] | None = (0, 0)
@@ -338,12 +354,16 @@ class RedisBroker(Broker):
             self.detach(subscription)
             raise
 
-    def deliver(self, messages: list[tuple[str, Message]], position: str) -> None:
-        """Fan ``messages`` out and move the hand-over point to ``position``,
-        in one step: a subscription attached next replays up to it."""
+    def deliver(self, messages: list[Read], position: str) -> None:
+        """Fan ``messages`` out, or end the streams of the channels a
+        disconnect names, and move the hand-over point to ``position``, in
+        one step: a subscription attached next replays up to it."""
         with self.fanout.lock:
-            for channel, message in messages:
-                self.fanout.deliver(channel, message)
+            for channel, item in messages:
+                if channel is None:
+                    self.fanout.end_channels(t.cast("list[str]", item))
+                else:
+                    self.fanout.deliver(channel, t.cast("Message", item))
             self.fanout.position = position
 
     def overtaken(self, position: str) -> None:

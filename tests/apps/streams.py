@@ -139,6 +139,21 @@ def create_app() -> Flask:
         # One event of ``size`` bytes of data, then silence.
         return _tracked(big(request.args.get("size", 1_000_000, type=int)))
 
+    @app.get("/worker-stream")
+    @stream_events
+    def worker_stream() -> t.Iterator[Event]:
+        # Says which worker serves it, then streams its channels.
+        sse = t.cast(EventStream, app.blueprints["eventstream"])
+        sub = sse.listen(*request.args.getlist("channel"))
+        yield Event(str(os.getpid()), event="worker")
+        yield from sub
+
+    @app.post("/disconnect")
+    def disconnect() -> tuple[str, int]:
+        sse = t.cast(EventStream, app.blueprints["eventstream"])
+        sse.disconnect(*request.form.getlist("channel"))
+        return "", 204
+
     @app.post("/publish")
     def publish() -> dict[str, str]:
         sse = t.cast(EventStream, app.blueprints["eventstream"])
