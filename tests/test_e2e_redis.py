@@ -130,8 +130,12 @@ def test_200_subscribers_use_as_many_redis_connections_as_one(
     assert with_one == with_200 == 2
 
 
-def test_replay_across_workers_during_a_burst(shared_redis: RedisServer) -> None:
-    """Reconnecting to the other server resumes exactly after the last id."""
+@pytest.mark.parametrize("ids", ["broker", "app"])
+def test_replay_across_workers_during_a_burst(
+    shared_redis: RedisServer, ids: str
+) -> None:
+    """Reconnecting to the other server resumes exactly after the last id,
+    the broker's or one the app gave (found in the channel's history)."""
     env = settings(shared_redis)
     total = 3000
     with serve("gevent", env=env) as a, serve("gevent", env=env) as b:
@@ -141,7 +145,8 @@ def test_replay_across_workers_during_a_burst(shared_redis: RedisServer) -> None
 
         def burst() -> None:
             for n in range(total):
-                publisher.publish("burst", Event(str(n)))
+                given = f"order-{n}" if ids == "app" else None
+                publisher.publish("burst", Event(str(n), id=given))
                 if n % 100 == 0:
                     time.sleep(0.01)
 
