@@ -40,6 +40,8 @@ WAIT_MS = 15_000
 FAST = {"minDelay": 100, "maxDelay": 800}
 #: What the test app's ``/cut`` and ``/failing`` send a request without an id.
 FRESH = {"header": None, "query": None}
+#: The ``Accept`` header of EventSource, and of the module's probe.
+EVENT_STREAM = {"Accept": "text/event-stream"}
 
 
 @pytest.fixture(scope="module")
@@ -237,8 +239,14 @@ def test_error_status_starts_a_new_event_source_that_resumes_without_loss(
     server, a, b = short_server, _channel(), _channel()
     published: list[str] = []
     streams: list[Request] = []
+    probes: list[Request] = []
 
     def answer(route: Route) -> None:
+        if route.request.method == "HEAD":
+            # The proxy refuses the module's probe as it refused the stream.
+            probes.append(route.request)
+            route.fulfill(status=503)
+            return
         streams.append(route.request)
         # The 2nd and 4th requests are the browser's own reconnects after
         # max_age, refused as by a proxy while the app restarts.
@@ -273,6 +281,8 @@ def test_error_status_starts_a_new_event_source_that_resumes_without_loss(
     assert log["restarts"][0] == published[0] and None not in log["restarts"]
     for restart, last in zip((2, 4), log["restarts"], strict=True):
         assert _query(streams[restart]) == {"channel": [a, b], "lastEventId": [last]}
+    # Before each restart, one probe of the URL the restart then opened.
+    assert [p.url for p in probes] == [streams[2].url, streams[4].url]
 
 
 def test_restarts_back_off_exponentially_and_start_over_after_an_open(
@@ -284,6 +294,10 @@ def test_restarts_back_off_exponentially_and_start_over_after_an_open(
     streams: list[Request] = []
 
     def answer(route: Route) -> None:
+        if route.request.method == "HEAD":
+            # The proxy refuses the module's probe as it refused the stream.
+            route.fulfill(status=502)
+            return
         streams.append(route.request)
         if len(streams) in refused:
             route.fulfill(status=502, body="Bad gateway.\n")
@@ -327,7 +341,129 @@ def test_close_stops_a_pending_restart(server: Server, page: Page) -> None:
 
     log = _log(page, i)
     assert log["states"][-1] == ["closed", None]
-    assert len([r for r in seen if "/cut?closed" in r.url]) == 1
+    assert len(_sent(seen, "/cut?closed")) == 1
+    assert len(_sent(seen, "/cut?closed", "HEAD")) == 1
+
+
+def test_stream_answered_with_204_has_finished_and_is_closed_for_good(
+    server: Server, page: Page
+) -> None:
+    """A 204 stops EventSource; the module's probe gets 204 too, so it calls
+    ``onEnd`` and closes: no request follows."""
+    seen = _requests(page)
+    _open(page, server)
+    i = _watch(page, "/refused?status=204", **FAST)
+    _wait(page, "i => logs[i].states.length >= 2", i)
+    _wait_for_two_browser_retries(page)
+
+    log = _log(page, i)
+    assert log["states"] == [["connecting", None], ["closed", None]]
+    assert (log["ends"], log["errors"], log["opens"]) == (1, [], 0)
+    assert len(_sent(seen, "/refused")) == 1
+    probes = _sent(seen, "/refused", "HEAD")
+    assert [p.url for p in probes] == [f"{server.url}/refused?status=204"]
+    assert probes[0].all_headers()["accept"] == "text/event-stream"
+
+
+@pytest.mark.parametrize("status", [403, 404])
+def test_stream_refused_with_a_4xx_status_reports_it_and_is_closed_for_good(
+    server: Server, page: Page, status: int
+) -> None:
+    """A 4xx (not 408 or 429) before the stream opens gives ``onError`` the
+    status and its status text, and closes: no request follows."""
+    url = f"/refused?status={status}"
+    reason = requests.head(f"{server.url}{url}", headers=EVENT_STREAM, timeout=5).reason
+    seen = _requests(page)
+    _open(page, server)
+    i = _watch(page, url, **FAST)
+    _wait(page, "i => logs[i].states.length >= 2", i)
+    _wait_for_two_browser_retries(page)
+
+    log = _log(page, i)
+    assert log["states"] == [["connecting", None], ["closed", None]]
+    assert reason and log["errors"] == [{"status": status, "message": reason}]
+    assert (log["ends"], log["opens"]) == (0, 0)
+    assert len(_sent(seen, "/refused")) == 1
+    assert len(_sent(seen, "/refused", "HEAD")) == 1
+
+
+@pytest.mark.parametrize("status", [502, 503, 408, 429])
+def test_stream_refused_with_a_status_that_may_pass_is_restarted_with_backoff(
+    server: Server, page: Page, status: int
+) -> None:
+    """After a 5xx, a 408 or a 429, and the same answer to the probe, the
+    module starts a new EventSource after a growing delay, again and again."""
+    url = f"{server.url}/refused?status={status}"
+    seen = _requests(page)
+    _open(page, server)
+    i = _watch(page, url, **FAST)
+    _wait(page, "i => logs[i].restarts.length >= 3", i)
+    page.evaluate("i => streams[i].close()", i)
+
+    log = _log(page, i)
+    delays = [delay for _, delay in log["states"] if delay is not None]
+    for delay, ceiling in zip(delays[:3], [100, 200, 400], strict=True):
+        assert ceiling / 2 <= delay <= ceiling
+    assert (log["errors"], log["ends"], log["opens"]) == ([], 0, 0)
+    streams, probes = _sent(seen, "/refused"), _sent(seen, "/refused", "HEAD")
+    assert len(streams) >= 3 and len(probes) >= 3
+    assert {r.url for r in streams + probes} == {url}
+
+
+def test_probe_that_gets_no_answer_is_followed_by_a_restart(
+    server: Server, page: Page
+) -> None:
+    """A probe that fails, as with the network down or a response that CORS
+    hides, counts as a refusal that may pass: the module starts again."""
+    seen = _requests(page)
+
+    def answer(route: Route) -> None:
+        if route.request.method == "HEAD":
+            route.abort("connectionrefused")
+        else:
+            route.continue_()
+
+    page.route(lambda url: "/refused" in url, answer)
+    _open(page, server)
+    i = _watch(page, "/refused?status=503", **FAST)
+    _wait(page, "i => logs[i].restarts.length >= 2", i)
+    page.evaluate("i => streams[i].close()", i)
+
+    log = _log(page, i)
+    assert (log["errors"], log["ends"], log["opens"]) == ([], 0, 0)
+    assert len(_sent(seen, "/refused")) >= 2
+    assert len(_sent(seen, "/refused", "HEAD")) >= 2
+
+
+@pytest.mark.parametrize("status", [204, 403, 503])
+def test_close_while_the_probe_is_under_way_is_the_last_word(
+    server: Server, page: Page, status: int
+) -> None:
+    """``close()`` before the probe has its answer: whatever the answer, no
+    callback and no request follow."""
+    seen = _requests(page)
+
+    def answer(route: Route) -> None:
+        if route.request.method == "HEAD":
+            # The probe is on its way; the page closes before it is answered.
+            page.evaluate("() => streams.forEach((stream) => stream.close())")
+        route.continue_()
+
+    page.route(lambda url: "/refused" in url, answer)
+    _open(page, server)
+    i = _watch(page, f"/refused?status={status}", **FAST)
+    _wait(page, "i => logs[i].states.length >= 2", i)
+    probes = _sent(seen, "/refused", "HEAD")
+    assert len(probes) == 1
+    response = probes[0].response()
+    assert response is not None and response.status == status
+    _wait_for_two_browser_retries(page)
+
+    log = _log(page, i)
+    assert log["states"] == [["connecting", None], ["closed", None]]
+    assert (log["errors"], log["ends"], log["opens"]) == ([], 0, 0)
+    assert len(_sent(seen, "/refused")) == 1
+    assert len(_sent(seen, "/refused", "HEAD")) == 1
 
 
 def test_reset_is_reported_when_the_server_cannot_resume(
@@ -418,6 +554,11 @@ def _requests(page: Page) -> list[Request]:
     seen: list[Request] = []
     page.on("request", lambda request: seen.append(request))
     return seen
+
+
+def _sent(seen: list[Request], part: str, method: str = "GET") -> list[Request]:
+    """The requests in ``seen`` made with ``method`` to a URL containing ``part``."""
+    return [r for r in seen if part in r.url and r.method == method]
 
 
 def _publish(server: Server, channel: str, data: str, event: str | None = None) -> str:

@@ -1,36 +1,16 @@
 /* eventstream.js: an EventSource that comes back after a deploy.
  * A dependency-free ES module, served by the EventStream blueprint.
+ * Its documentation is the page "The browser module" (docs/client.rst).
  *
  *   import {connect} from "/events/eventstream.js";
  *   const stream = connect("/events?channel=chat", {
  *     json: true, events: {chat: (data, event) => show(data)},
  *   });
  *
- * After a stream ends, the browser reconnects with a Last-Event-ID
- * header. When it gives up (any status but 200, e.g. a proxy's 502),
- * a new EventSource starts after a backoff, with ?lastEventId=<last id>
- * in url (a view of your own should read both).
- *
- * connect(url, options) returns {close(), lastEventId, state}: the
- * last id seen and the state last given to onState.
- * Options, all optional:
- *   events: {type: fn(data, event)}, a handler per event type.
- *   onMessage: fn(data, event) for events of type "message".
- *   json: true, and handlers get JSON.parse(event.data); data that is
- *     not JSON goes to onError({status: 0, message, event}).
- *   onOpen: fn(event), a stream opened, first or again.
- *   onState: fn(state, delay), state is "connecting", "open",
- *     "reconnecting" or "closed" (for good); delay is the ms until a
- *     new EventSource, when the browser gave up.
- *   onReset: fn(event), events after the id in event.data are lost.
- *   onError: fn({status, message}) for eventstream.error; a 4xx status
- *     closes for good, any other is retried.
- *   onEnd: fn(event), the server finished; closed for good.
- *   lastEventId: resume after this id.
- *   minDelay, maxDelay: the first new EventSource waits minDelay ms
- *     (1000), each next one twice as long up to maxDelay (30000),
- *     jittered to 50-100% of that.
- *   withCredentials: passed on to EventSource.
+ * connect(url, options) returns {close(), lastEventId, state}.
+ * Options, all optional: events, onMessage, json, onOpen, onState,
+ * onReset, onError, onEnd, lastEventId, minDelay, maxDelay,
+ * withCredentials.
  */
 
 export function connect(url, options = {}) {
@@ -63,10 +43,46 @@ export function connect(url, options = {}) {
     });
   }
 
-  function start() {
+  // The URL to open now: a new EventSource sends no Last-Event-ID header.
+  function address() {
     const target = new URL(url, location.href);
     if (handle.lastEventId) target.searchParams.set("lastEventId", handle.lastEventId);
-    source = new EventSource(target, {withCredentials: o.withCredentials});
+    return target;
+  }
+
+  function restart() {
+    const ceiling = Math.min(o.maxDelay ?? 30000, (o.minDelay ?? 1000) * 2 ** failures++);
+    // Jittered, so that pages do not all come back at once.
+    const delay = Math.round((ceiling * (1 + Math.random())) / 2);
+    timer = setTimeout(start, delay);
+    setState("reconnecting", delay);
+  }
+
+  // EventSource does not say which status made it give up. A HEAD request
+  // gets the same answer without starting the stream; 204 means finished,
+  // and a 4xx other than 408 and 429 will not change by asking again.
+  // Anything else, a failed request included, may pass.
+  function probe() {
+    fetch(address(), {
+      method: "HEAD",
+      headers: {Accept: "text/event-stream"},
+      credentials: o.withCredentials ? "include" : "same-origin",
+      cache: "no-store",
+    }).catch(() => ({status: 0})).then(({status, statusText}) => {
+      // close() while the probe was under way is the last word.
+      if (handle.state === "closed") return;
+      if (status === 204) {
+        close();
+        o.onEnd?.();
+      } else if (status >= 400 && status < 500 && status !== 408 && status !== 429) {
+        close();
+        o.onError?.({status, message: statusText || `The server answered ${status}.`});
+      } else restart();
+    });
+  }
+
+  function start() {
+    source = new EventSource(address(), {withCredentials: o.withCredentials});
     source.onopen = (event) => {
       failures = 0;
       setState("open");
@@ -74,12 +90,8 @@ export function connect(url, options = {}) {
     };
     source.onerror = () => {
       // Only an EventSource that gave up needs replacing.
-      if (source.readyState !== EventSource.CLOSED) return setState("reconnecting");
-      const ceiling = Math.min(o.maxDelay ?? 30000, (o.minDelay ?? 1000) * 2 ** failures++);
-      // Jittered, so that pages do not all come back at once.
-      const delay = Math.round((ceiling * (1 + Math.random())) / 2);
-      timer = setTimeout(start, delay);
-      setState("reconnecting", delay);
+      if (source.readyState === EventSource.CLOSED) probe();
+      else setState("reconnecting");
     };
     for (const [type, fn] of Object.entries(o.events || {})) on(type, fn, o.json);
     if (o.onMessage) on("message", o.onMessage, o.json);

@@ -23,7 +23,7 @@ records everything the client reports in ``logs[i]``, where ``i`` is what
 
 Wait for ``window.watch`` before calling it: the module loads after the page.
 
-Streams besides the blueprint's ``/events``:
+Stream URLs besides the blueprint's ``/events``:
 
 ``/finite?count=N``
     N events (ids ``1`` to ``N``, JSON data ``{"n": i}``), then the view
@@ -35,12 +35,17 @@ Streams besides the blueprint's ``/events``:
     one event (data ``RESUME``; its id counts on from the id the request
     names), then the stream ends without a word, as a proxy that cuts it
     would, so EventSource reconnects by itself.
+``/refused?status=S``
+    no stream at all: ``204 No Content`` if S is 204, else ``abort(S)``,
+    to ``HEAD`` as to ``GET``, as a view that refuses before its first
+    event does.
 
 ``RESUME`` is JSON that says how the request named the last id it saw:
 ``{"header": Last-Event-ID or null, "query": ?lastEventId or null}``.
 
-The three tell the browser to retry after ``RETRY_MS``, and ignore other
-query arguments, so a test can tell apart streams of the same kind by them.
+The streams tell the browser to retry after ``RETRY_MS``. These four URLs
+ignore other query arguments, so a test can tell apart requests of the
+same kind by them.
 ``POST /publish`` with form fields ``channel``, ``data`` and optionally
 ``event`` publishes on the blueprint and answers ``{"id": ...}``.
 """
@@ -135,6 +140,14 @@ def create_app() -> Flask:
     def failing() -> t.Iterator[Event]:
         yield Event(_resume(), id="1")
         abort(request.args.get("status", 500, type=int))
+
+    @app.get("/refused")
+    @stream_events(retry=RETRY_MS)
+    def refused() -> Response:
+        status = request.args.get("status", 204, type=int)
+        if status == 204:
+            return Response(status=204)
+        abort(status)
 
     @app.get("/cut")
     def cut() -> Response:
