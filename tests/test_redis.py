@@ -180,13 +180,13 @@ def test_ids_come_from_redis_and_order_events_across_channels(
     assert orders == sorted(orders)
     assert len(set(orders)) == len(orders)
     assert abs(orders[0][0] - time.time() * 1000) < 60_000
-    # Redis holds each event once in the stream of all events and once in
-    # its channel's stream, under the id that publish returned.
+    # Redis holds each event once, in its channel's stream, under the id
+    # that publish returned.
     held = {
         key: [entry_id for entry_id, _ in t.cast("list[t.Any]", store.xrange(key))]
         for key in stream_lengths(store, prefix)
     }
-    assert sorted(held.values()) == sorted([ids, ids[::3], ids[1::3], ids[2::3]])
+    assert sorted(held.values()) == sorted([ids[::3], ids[1::3], ids[2::3]])
 
 
 def test_ids_the_app_gave_leave_the_hash_with_their_entries(
@@ -282,27 +282,43 @@ def test_refused_id_leaves_no_trace(
     assert after == before
 
 
-def test_reader_overtaken_by_trimming_ends_its_streams(
-    new_broker: MakeBroker,
+@pytest.mark.parametrize("history", [5000, 1], ids=["history-holds-it", "trimmed"])
+def test_reader_cut_off_by_redis_catches_up_from_history_or_ends_streams(
+    own_server: RedisServer,
+    prefix: str,
+    history: int,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A reader that falls behind what Redis keeps ends streams, skips nothing."""
-    worker = new_broker(history=1)
-    other = new_broker(history=1)
-    sub = subscribed(worker, "a")
-    other.publish("a", Event("first"))
-    assert [e.data for e in received(sub, 1)] == ["first"]
-    # Stall the worker's reader (it waits for the lock to fan out) while
-    # another process publishes more than the stream of all events keeps.
-    with worker.fanout.lock:
-        for n in range(10_500):
-            other.publish("b", Event(str(n)))
-        other.publish("a", Event("after the gap"))
-    deadline = time.monotonic() + 10
-    events: list[bytes] = []
-    while not sub.drained:
-        assert time.monotonic() < deadline, "the stream did not end"
-        events += sub.take(0.2)
-    assert b"after the gap" not in b"".join(events)
+    """Redis drops a reader that falls behind its output buffer limit; back,
+    the reader delivers what it missed from history, in order and once, or,
+    if history lost some of it, ends the channel's streams so that their
+    clients replay and learn of the gap."""
+    worker = RedisBroker(own_server.url, history=history, prefix=prefix)
+    other = RedisBroker(own_server.url, history=history, prefix=prefix)
+    with redis.Redis.from_url(own_server.url) as admin:
+        admin.config_set("client-output-buffer-limit", "pubsub 65536 32768 1")
+    try:
+        sub = subscribed(worker, "a", queue_size=5000)
+        other.publish("a", Event("first"))
+        assert [e.data for e in received(sub, 1)] == ["first"]
+        # Stall the worker's reader (it waits for the lock to fan out) while
+        # another process publishes more than Redis buffers for it.
+        # Events big enough to fill the socket's buffers too.
+        with worker.fanout.lock:
+            sent = [other.publish("a", Event(f"{n:04d}" * 1000)) for n in range(2000)]
+        wait_for(lambda: "Lost Redis" in caplog.text, 20, "Redis to drop the reader")
+        if history == 1:
+            deadline = time.monotonic() + 10
+            while not sub.drained:
+                assert time.monotonic() < deadline, "the stream did not end"
+                sub.take(0.2)
+        else:
+            assert [e.id for e in received(sub, 2000, timeout=30)] == sent
+            late = other.publish("a", Event("live again"))
+            assert [e.id for e in received(sub, 1)] == [late]
+    finally:
+        worker.close()
+        other.close()
 
 
 def test_replay_after_a_recent_id_gives_exactly_the_later_events(
@@ -520,8 +536,7 @@ def test_cluster_stats_list_this_process_while_it_has_subscribers(
     """The reader's heartbeat names host, pid and subscriptions per channel."""
     assert broker.cluster_stats() == []
     subs = [subscribed(broker, "a", "b"), subscribed(broker, "a")]
-    wait_for(lambda: broker.cluster_stats() != [], 5, "a heartbeat")
-    assert broker.cluster_stats() == [
+    expected = [
         {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -529,6 +544,8 @@ def test_cluster_stats_list_this_process_while_it_has_subscribers(
             "channels": {"a": 2, "b": 1},
         }
     ]
+    # The key follows the worker's streams within a second or so.
+    wait_for(lambda: broker.cluster_stats() == expected, 5, "a heartbeat")
     for sub in subs:
         sub.close()
     wait_for(lambda: broker.cluster_stats() == [], 5, "the heartbeat removed")
@@ -591,17 +608,17 @@ def test_importing_the_redis_broker_without_redis_says_what_to_install(
 def test_client_ahead_of_this_workers_reader_gets_no_duplicate(
     new_broker: MakeBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An id this worker's reader has not reached yet is not sent again."""
+    """An id this worker's reader has not delivered yet is not sent again."""
     worker, other = new_broker(), new_broker()
     first = subscribed(worker, "a")
     release = threading.Event()
     reading = threading.Event()
     deliver = worker.deliver
 
-    def held(entries: list[t.Any], last: str) -> None:
+    def held(*args: t.Any) -> None:
         reading.set()
         release.wait(10)
-        deliver(entries, last)
+        deliver(*args)
 
     monkeypatch.setattr(worker, "deliver", held)
     seen_elsewhere = other.publish("a", Event("one"))
@@ -661,11 +678,6 @@ def stored(store: redis.Redis, key: str, data: str) -> list[str]:
     return [entry_id for entry_id, fields in entries if fields.get("d") == data]
 
 
-def lengths(store: redis.Redis, prefix: str, channel: str) -> tuple[int, int]:
-    """The lengths of the stream of all events and of ``channel``'s stream."""
-    return store.xlen(f"{prefix}:all"), store.xlen(f"{prefix}:channel:{channel}")
-
-
 def wait_until_older_than(event_id: str, seconds: float) -> None:
     """Wait until ``event_id`` (``<ms>-<seq>``) is older than ``seconds``."""
     ms = int(event_id.split("-")[0]) + seconds * 1000 + 200
@@ -684,26 +696,31 @@ def skipped(caplog: pytest.LogCaptureFixture, entry_id: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "fields",
-    [{"c": "a", "d": "x", "r": "soon"}, {"c": "a", "d": b"\xff\xfe"}],
-    ids=["retry-not-a-number", "data-not-utf-8"],
+    "payload",
+    [
+        b'{"o": "1-0", "d": "x", "r": "soon", "m": "MARK"}',
+        b'{"o": "1-0", "d": "\xff\xfe", "m": "MARK"}',
+        b"not json MARK",
+    ],
+    ids=["retry-not-a-number", "data-not-utf-8", "not-json"],
 )
-def test_reader_skips_an_entry_it_cannot_decode_and_keeps_delivering(
+def test_reader_skips_a_message_it_cannot_decode_and_keeps_delivering(
     redis_app: tuple[Flask, EventStream],
     store: redis.Redis,
     prefix: str,
     caplog: pytest.LogCaptureFixture,
-    fields: dict[str, str | bytes],
+    payload: bytes,
 ) -> None:
-    """An undecodable entry is logged once and skipped; live delivery goes on."""
+    """An undecodable message is logged once and skipped; delivery goes on."""
     caplog.set_level(logging.WARNING, logger="flask_eventstream")
     app, sse = redis_app
     client = app.test_client()
     with opened(client, "/events?channel=a") as rv:
         first = published(app, sse, "first", channel="a")
         assert next_events(rv, 1) == [("message", first, "first")]
-        # Another service, or another release of this one, wrote it.
-        bad = t.cast(str, store.xadd(f"{prefix}:all", fields))  # type: ignore[arg-type]
+        # Another service, or another release of this one, sent it.
+        bad = f"MARK{uuid.uuid4().hex}"
+        store.publish(f"{prefix}:live:a", payload.replace(b"MARK", bad.encode()))
         after = published(app, sse, "after", channel="a")
         assert next_events(rv, 1) == [("message", after, "after")]
         # The worker still delivers, to its streams and to new ones.
@@ -715,30 +732,29 @@ def test_reader_skips_an_entry_it_cannot_decode_and_keeps_delivering(
     assert len(skipped(caplog, bad)) == 1, skipped(caplog, bad)
 
 
-def channel_ahead_of_all(
+def channel_ahead_of_newest(
     app: Flask, sse: EventStream, store: redis.Redis, prefix: str
 ) -> str:
-    """Leave channel a's stream with a greater id than the stream of all events
-    and return that id: an entry an hour ahead (Redis's clock stepped back,
-    or another writer), then the stream of all events deleted or evicted."""
+    """Leave channel a's stream with a greater id than the app's newest, and
+    return that id: an entry an hour ahead (Redis's clock stepped back, or
+    another writer), then the key of the newest id deleted or evicted."""
     published(app, sse, "old", channel="a")
     ahead = f"{int(time.time() * 1000) + 3_600_000}-0"
-    store.xadd(f"{prefix}:channel:a", {"c": "a", "d": "ahead"}, id=ahead)
-    store.delete(f"{prefix}:all")
+    store.xadd(f"{prefix}:channel:a", {"d": "ahead"}, id=ahead)
+    store.delete(f"{prefix}:last")
     return ahead
 
 
-def test_publish_after_the_stream_of_all_events_was_lost_stores_it_whole(
+def test_publish_after_the_newest_id_was_lost_stores_it_whole(
     redis_app: tuple[Flask, EventStream], store: redis.Redis, prefix: str
 ) -> None:
-    """Publish with the stream of all events behind the channel's never fails."""
+    """Publish with the app's newest id behind the channel's never fails."""
     app, sse = redis_app
-    channel_ahead_of_all(app, sse, store, prefix)
+    channel_ahead_of_newest(app, sse, store, prefix)
     with opened(app.test_client(), "/events?channel=a") as rv:
         new = published(app, sse, "new", channel="a")
         newer = published(app, sse, "newer", channel="a")
         for data, event_id in [("new", new), ("newer", newer)]:
-            assert stored(store, f"{prefix}:all", data) == [event_id]
             assert stored(store, f"{prefix}:channel:a", data) == [event_id]
         assert next_events(rv, 2) == [
             ("message", new, "new"),
@@ -746,18 +762,17 @@ def test_publish_after_the_stream_of_all_events_was_lost_stores_it_whole(
         ]
 
 
-def test_given_id_while_the_channel_is_ahead_is_stored_once_in_both_streams(
+def test_given_id_while_the_channel_is_ahead_is_stored_once(
     redis_app: tuple[Flask, EventStream], store: redis.Redis, prefix: str
 ) -> None:
     """An app's id, even one that looks like an id Redis gave, is the app's:
-    the event is stored once in each stream, after the channel's newest."""
+    the event is stored once, after the channel's newest."""
     app, sse = redis_app
-    newest = channel_ahead_of_all(app, sse, store, prefix)
-    before = lengths(store, prefix, "a")
+    newest = channel_ahead_of_newest(app, sse, store, prefix)
+    before = store.xlen(f"{prefix}:channel:a")
     for given in (newest, "0-1"):
         assert published(app, sse, given, channel="a", id=given) == given
-    all_events, channel = lengths(store, prefix, "a")
-    assert (all_events, channel) == (before[0] + 2, before[1] + 2)
+    assert store.xlen(f"{prefix}:channel:a") == before + 2
     newest_entry = t.cast(
         "list[t.Any]", store.xrevrange(f"{prefix}:channel:a", count=1)
     )
@@ -820,3 +835,29 @@ def test_channel_history_expires_after_the_ttl_without_events(
     assert 0 < lowered < store.pttl(key) <= 1000
     wait_for(lambda: not store.exists(key), 5, f"{key} expired")
     assert scenarios.resumed(app, sse, "a", a0) == [("eventstream.reset", a0)]
+
+
+def test_a_worker_receives_only_the_channels_its_clients_listen_to(
+    new_broker: MakeBroker, store: redis.Redis, prefix: str
+) -> None:
+    """Each worker's reader subscribes to the channels of its own clients, and
+    lets one go when its last client leaves: an event reaches only the
+    workers that want it."""
+    one, two = new_broker(), new_broker()
+
+    def readers(channel: str) -> int:
+        counts = dict(store.pubsub_numsub(f"{prefix}:live:{channel}"))
+        return int(counts[f"{prefix}:live:{channel}"])
+
+    on_a = subscribed(one, "a")
+    on_b = [subscribed(two, "b"), subscribed(two, "b", "c")]
+    assert (readers("a"), readers("b"), readers("c")) == (1, 1, 1)
+    assert one.reader.active == {"a"} and two.reader.active == {"b", "c"}
+    sent = one.publish("b", Event("for b"))
+    assert [e.id for e in received(on_b[0], 1)] == [sent]
+    assert on_a.take(0.5) == []
+    on_b[1].close()
+    wait_for(lambda: readers("c") == 0, 5, "the reader to let c go")
+    assert readers("b") == 1
+    on_a.close()
+    wait_for(lambda: readers("a") == 0, 5, "the reader to let a go")

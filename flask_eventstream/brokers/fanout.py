@@ -99,10 +99,8 @@ class Subscription(StreamSource):
     def deliver(self, message: Message) -> bool:
         """Queue ``message``, never blocking; False if it takes no more."""
         assert self._mailbox is not None
-        if self._skip is not None:
-            if message.order <= self._skip:
-                return True
-            self._skip = None
+        if self._skip is not None and message.order <= self._skip:
+            return True
         if self._mailbox.offer(message):
             return True
         if not self._mailbox.closed:
@@ -113,9 +111,20 @@ class Subscription(StreamSource):
         return False
 
     def skip_through(self, order: tuple[int, int]) -> None:
-        """Drop live events up to ``order``, which the client has already
-        (from another worker, whose reader was ahead of this one's)."""
+        """Drop live events up to ``order``: the replay has them, or they
+        came before the subscription. Some may be queued already."""
         self._skip = order
+
+    def _live(self, timeout: float | None) -> list[Message]:
+        assert self._mailbox is not None
+        messages = self._mailbox.take(timeout)
+        if self._skip is not None and messages:
+            skip = self._skip
+            messages = [m for m in messages if m.order > skip]
+            if messages:
+                # Queued in order: nothing after this is to be skipped.
+                self._skip = None
+        return messages
 
     def take(self, timeout: float | None) -> list[bytes]:
         assert self._mailbox is not None
@@ -128,7 +137,7 @@ class Subscription(StreamSource):
             return [m.data for m in reversed(batch)]
         # Waited for first: a comprehension around the call would hold its
         # function object alive through the wait.
-        messages = self._mailbox.take(timeout)
+        messages = self._live(timeout)
         return [m.data for m in messages]
 
     @property
@@ -160,7 +169,7 @@ class Subscription(StreamSource):
             while self._backlog:
                 yield self._backlog.pop().event
             while not self._mailbox.drained:
-                for message in self._mailbox.take(None):
+                for message in self._live(None):
                     yield message.event
             on_cut_short.get()()
         finally:
@@ -177,14 +186,15 @@ class FanOut:
     def __init__(self) -> None:
         #: Held around every use; an OS lock (see ``concurrency.os_lock``).
         self.lock = os_lock()
-        #: The id up to which events were delivered: replays end here and
-        #: live delivery goes on after it. None while nothing feeds it.
-        self.position: str | None = None
         self._channels: dict[str, set[Subscription]] = {}
         self._count = 0
 
     def __len__(self) -> int:
         return self._count
+
+    def channels(self) -> set[str]:
+        """The channels with a subscription in this process."""
+        return set(self._channels)
 
     def add(self, subscription: Subscription) -> None:
         self._count += 1

@@ -1,15 +1,17 @@
 """The Redis broker: any number of workers and hosts share one Redis.
 
-Every event goes, in one script, into two Redis streams: the app's stream of
-all events, which orders it against every other, and its channel's stream,
-which keeps that channel's history for replay. Each worker runs one
-:class:`~.reader.RedisReader`, which fans the stream of all events out to
-the worker's subscribers. A worker holds two Redis connections whatever its
-number of clients: the reader's, and one for publish and replay.
+Each event is stored, in one script, in its channel's Redis stream, which
+keeps that channel's history for replay, and published on a Redis pub/sub
+channel of its own. Each worker runs one :class:`~.reader.RedisReader`,
+subscribed to the channels its clients listen to, so a worker receives
+only the events it has subscribers for. A worker holds two Redis
+connections whatever its number of clients: the reader's, and one for
+publish and replay.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import socket
@@ -37,7 +39,6 @@ from .base import parse_id
 from .base import replay
 from .reader import DISCONNECT
 from .reader import message
-from .reader import Read
 from .reader import RedisReader
 
 if t.TYPE_CHECKING:
@@ -47,15 +48,18 @@ if t.TYPE_CHECKING:
     from .base import Message
     from .fanout import Subscription
 
+#: How long a new subscription waits for the reader to receive its channels.
+ATTACH_TIMEOUT_SECONDS = 10.0
+
 # One script that makes every check before its first write, so an event is
-# stored whole or not at all. Its id is greater than the newest of both
-# streams: a channel stream can hold a greater id than the stream of all
-# events if that was deleted, or Redis's clock stepped back. Streams are
-# trimmed with XDEL, not MAXLEN, because then Redis keeps the newest id it
-# removed in the stream itself (max-deleted-entry-id), where replay and the
-# reader find it, whatever other key is lost. An id the app gave is kept in
-# the entry, and in a hash of the channel, for replay to find it, as long
-# as the entry is in history.
+# stored whole or not at all, and published once stored. Ids order all the
+# events of the app: each is after the newest the app issued (the "last"
+# key) and the newest of the channel's stream, which may be ahead if a key
+# was lost or Redis's clock stepped back. Streams are trimmed with XDEL, not
+# MAXLEN, because then Redis keeps the newest id it removed in the stream
+# itself (max-deleted-entry-id), where replay finds it. An id the app gave
+# is kept in the entry, and in a hash of the channel for replay to find it,
+# as long as the entry is in history.
 _PUBLISH = """
 local function newest(key)
   local entry = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
@@ -67,41 +71,42 @@ local function before(a, b)
   if am ~= bm then return #am < #bm or (#am == #bm and am < bm) end
   return #as < #bs or (#as == #bs and as < bs)
 end
-local given = ARGV[3]
-local fields = {'c', ARGV[1]}
-if given ~= '' then fields = {'c', ARGV[1], 'i', given} end
-for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
-local keys, lengths, id = {KEYS[1], KEYS[2]}, {ARGV[2], ARGV[4]}, '*'
-local channel = newest(KEYS[2])
-if before(newest(KEYS[1]), channel) then
-  -- The channel stream gives the id: the next after its newest.
-  id = string.match(channel, '%d+') .. '-*'
-  keys, lengths = {KEYS[2], KEYS[1]}, {ARGV[4], ARGV[2]}
+local time = redis.call('TIME')
+local id = time[1] .. string.format('%03d', math.floor(time[2] / 1000)) .. '-0'
+local base = redis.call('GET', KEYS[2]) or '0-0'
+local channel = newest(KEYS[1])
+if before(base, channel) then base = channel end
+if not before(base, id) then
+  local ms, seq = string.match(base, '(%d+)-(%d+)')
+  id = ms .. '-' .. (tonumber(seq) + 1)
 end
-local function add(key, length, id)
-  id = redis.call('XADD', key, id, unpack(fields))
-  local over = redis.call('XLEN', key) - tonumber(length)
-  if over > 0 then
-    for _, entry in ipairs(redis.call('XRANGE', key, '-', '+', 'COUNT', over)) do
-      redis.call('XDEL', key, entry[1])
-      local f = entry[2]
+local given, fields = ARGV[4], {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+if given ~= '' then fields[#fields + 1] = 'i'; fields[#fields + 1] = given end
+redis.call('XADD', KEYS[1], id, unpack(fields))
+local over = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[2])
+if over > 0 then
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', over)) do
+    redis.call('XDEL', KEYS[1], entry[1])
+    local f = entry[2]
+    for j = 1, #f - 1, 2 do
       -- The app's id leaves with its entry, unless a later one took it.
-      if key == KEYS[2] and f[3] == 'i'
-          and redis.call('HGET', KEYS[4], f[4]) == entry[1] then
-        redis.call('HDEL', KEYS[4], f[4])
+      if f[j] == 'i' and redis.call('HGET', KEYS[4], f[j + 1]) == entry[1] then
+        redis.call('HDEL', KEYS[4], f[j + 1])
       end
     end
   end
-  return id
 end
-id = add(keys[1], lengths[1], id)
-add(keys[2], lengths[2], id)
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 if given ~= '' then
   redis.call('HSET', KEYS[4], given, id)
-  redis.call('PEXPIRE', KEYS[4], ARGV[5])
+  redis.call('PEXPIRE', KEYS[4], ARGV[3])
 end
+redis.call('SET', KEYS[2], id)
 redis.call('SET', KEYS[3], id, 'NX')
+local published = {o = id}
+for j = 1, #fields - 1, 2 do published[fields[j]] = fields[j + 1] end
+redis.call('PUBLISH', ARGV[1], cjson.encode(published))
 return id
 """
 
@@ -115,30 +120,36 @@ class RedisStore:
         self.history = history
         self.prefix = prefix
         self.ttl = ttl
-        #: The stream of all events: it orders them and feeds the readers.
-        self.all = f"{prefix}:all"
+        # The newest id issued for the app, which orders the next.
+        self._last = f"{prefix}:last"
         # The first id this Redis issued for the app: an older one comes
         # from history that Redis lost (a restart without persistence).
         self._first = f"{prefix}:first"
-        # It only feeds readers, which keep up, but a reader back from a
-        # Redis outage resumes from it.
-        self.all_length = max(10 * history, 10_000)
         self._client: tuple[int, redis.Redis] | None = None
         self._publish = Script(None, _PUBLISH.encode())  # type: ignore[arg-type]
 
+    def live(self, channel: str) -> str:
+        """The pub/sub channel that the events of ``channel`` go out on."""
+        return f"{self.prefix}:live:{channel}"
+
+    def channel_of(self, live: bytes | str) -> str:
+        """The channel of a pub/sub channel name that :meth:`live` gave."""
+        name = live.decode() if isinstance(live, bytes) else live
+        return name[len(self.prefix) + len(":live:") :]
+
     def append(self, channel: str, event: Event) -> str:
-        """Store ``event`` on ``channel`` and return its id."""
+        """Store ``event`` on ``channel``, publish it, and return its id."""
         given = "" if event.id is None else check_given_id(event.id)
         fields = [] if event.data is None else ["d", data_text(event.data)]
         if event.event is not None:
             fields += ["e", event.event]
         if event.retry is not None:
             fields += ["r", str(event.retry)]
-        keys = [self.all, self._channel(channel), self._first, self._given(channel)]
+        keys = [self._channel(channel), self._last, self._first, self._given(channel)]
         ttl_ms = max(1, int(self.ttl * 1000))
-        args: list[t.Any] = [channel, self.all_length, given, self.history, ttl_ms]
+        args: list[t.Any] = [self.live(channel), self.history, ttl_ms, given, *fields]
         try:
-            entry_id = self._publish(keys, args + fields, self.commands())
+            entry_id = self._publish(keys, args, self.commands())
         except redis.ResponseError as e:
             raise BrokerError(f"Redis refused the event: {e}") from e
         except redis.RedisError as e:
@@ -146,11 +157,12 @@ class RedisStore:
         return given or t.cast(str, entry_id)
 
     def disconnect(self, channels: cabc.Sequence[str]) -> None:
-        """Tell every worker's reader to end the streams of ``channels``."""
+        """Tell the readers that receive ``channels`` to end their streams."""
+        pipe = self.commands().pipeline(transaction=False)
+        for channel in channels:
+            pipe.publish(self.live(channel), json.dumps({DISCONNECT: True}))
         try:
-            # In the stream of all events, so that it comes in order with
-            # them; replay reads channel streams only and never sees it.
-            self.commands().xadd(self.all, {DISCONNECT: " ".join(channels)})
+            pipe.execute()
         except redis.RedisError as e:
             raise self.unreachable("disconnect", e) from e
 
@@ -172,57 +184,85 @@ class RedisStore:
         except ValueError:
             return None
 
-    def newest(self) -> str:
-        """The newest id of the stream of all events ("0-0" for none)."""
-        try:
-            info = self.commands().xinfo_stream(self.all)
-        except redis.ResponseError:
-            return "0-0"
-        except redis.RedisError as e:
-            raise self.unreachable("subscribe", e) from e
-        return t.cast(str, info["last-generated-id"])
-
     def read_after(
         self,
         channels: tuple[str, ...],
-        last_id: str,
+        last_id: str | None,
         after: tuple[int, int] | None,
-        until: str,
-    ) -> list[Message]:
-        """Events of ``channels`` after ``last_id``, whose order is ``after``
-        (None if not found), up to ``until``, after a reset if some are gone
-        or the id is not one Redis knows."""
-        if after is None:
-            return replay(last_id, [], lost=True)
-        pipe = self.commands().pipeline(transaction=False)
-        for channel in channels:
-            key = self._channel(channel)
-            pipe.xrange(key, min=f"({after[0]}-{after[1]}", max=until)
-            pipe.xinfo_stream(key)
+    ) -> tuple[list[Message], tuple[int, int]]:
+        """What a new subscription replays, and the newest id issued when it
+        was read, in one snapshot: the events of ``channels`` after
+        ``last_id``, whose order is ``after`` (None if it is not found),
+        after a reset if some are gone. Without ``last_id``, nothing."""
+        pipe = self.commands().pipeline(transaction=True)
+        pipe.get(self._last)
         pipe.get(self._first)
-        pipe.xinfo_stream(self.all)
+        start = f"({after[0]}-{after[1]}" if after else "+"
+        if last_id is not None and after is not None:
+            for channel in channels:
+                pipe.xrange(self._channel(channel), min=start, max="+")
+                pipe.xinfo_stream(self._channel(channel))
         try:
-            *replies, first, info = pipe.execute(raise_on_error=False)
+            newest, first, *replies = pipe.execute(raise_on_error=False)
         except redis.RedisError as e:
             raise self.unreachable("replay", e) from e
-        runs, infos = replies[0::2], replies[1::2]
-        for reply in (*runs, first):
+        for reply in (newest, first, *replies[0::2]):
             if isinstance(reply, Exception):
                 raise self.unreachable("replay", reply)
-        # No stream of all events yet: nothing was ever issued.
-        newest = "0-0" if isinstance(info, Exception) else info["last-generated-id"]
+        floor = parse_id(newest or "0-0")
+        if last_id is None:
+            return [], floor
+        if after is None:
+            return replay(last_id, [], lost=True), floor
+        runs, infos = replies[0::2], replies[1::2]
         lost = (
-            after > parse_id(newest)
+            after > floor
             or (first is not None and after < parse_id(first))
-            # A channel without a stream never had an event, or none for ttl.
-            or any(
-                expired(after, self.ttl)
-                if isinstance(i, Exception)
-                else parse_id(i["max-deleted-entry-id"]) > after
-                for i in infos
-            )
+            or any(self._lost(info, after) for info in infos)
         )
-        return replay(last_id, [[message(*entry) for entry in r] for r in runs], lost)
+        entries = [[_message(*entry) for entry in run] for run in runs]
+        return replay(last_id, entries, lost), floor
+
+    def read_missed(
+        self, since: dict[str, tuple[int, int]]
+    ) -> tuple[list[tuple[str, Message]], list[str]]:
+        """What each channel has after its order in ``since``, in the order
+        of all events, and the channels whose history lost some of it."""
+        channels = list(since)
+        pipe = self.commands().pipeline(transaction=True)
+        for channel in channels:
+            after = since[channel]
+            pipe.xrange(self._channel(channel), min=f"({after[0]}-{after[1]}")
+            pipe.xinfo_stream(self._channel(channel))
+        replies = pipe.execute(raise_on_error=False)
+        runs, infos = replies[0::2], replies[1::2]
+        for run in runs:
+            if isinstance(run, Exception):
+                raise run
+        gaps = [
+            c for c, i in zip(channels, infos, strict=True) if self._lost(i, since[c])
+        ]
+        missed = heapq.merge(
+            *[
+                [(c, _message(*e)) for e in run]
+                for c, run in zip(channels, runs, strict=True)
+            ],
+            key=lambda item: item[1].order,
+        )
+        return [item for item in missed if item[0] not in gaps], gaps
+
+    def ping(self) -> None:
+        """Check that Redis answers on the commands connection."""
+        try:
+            self.commands().ping()
+        except redis.RedisError as e:
+            raise self.unreachable("subscribe", e) from e
+
+    def _lost(self, info: t.Any, after: tuple[int, int]) -> bool:
+        # A channel without a stream never had an event, or none for ttl.
+        if isinstance(info, Exception):
+            return expired(after, self.ttl)
+        return parse_id(info["max-deleted-entry-id"]) > after
 
     def _channel(self, channel: str) -> str:
         return f"{self.prefix}:channel:{channel}"
@@ -230,11 +270,6 @@ class RedisStore:
     def _given(self, channel: str) -> str:
         # The ids the app gave the events of the channel's history.
         return f"{self.prefix}:ids:{channel}"
-
-    def overtaken(self, connection: redis.Redis, position: str) -> bool:
-        """Whether trimming removed events after ``position`` unread."""
-        gone = connection.xinfo_stream(self.all).get("max-deleted-entry-id")
-        return parse_id(bytes(gone or b"0-0").decode()) > parse_id(position)
 
     def connect(self, role: str, **options: t.Any) -> redis.Redis:
         """A connection of this worker, named for ``CLIENT LIST``."""
@@ -309,72 +344,71 @@ class RedisBroker(Broker):
         current_backend().call(lambda: self.store.disconnect(channels))
 
     def attach(self, subscription: Subscription) -> list[Message]:
-        last_id = subscription.last_event_id
-        found: tuple[int, int] | None = (0, 0)
-        if last_id is not None:
-            found = current_backend().call(
-                lambda: self.store.find(subscription.channels, last_id)
-            )
-        # An id Redis does not know replays nothing, and is reset.
-        after = found or (0, 0)
-        # The newest id Redis has issued, fetched when it is needed: to start
-        # the reader, or to learn whether a client is ahead of the reader.
-        newest: str | None = None
-        while True:
-            with self.fanout.lock:
-                if self._pid != os.getpid():
-                    # A forked worker starts with no reader of its own. (A
-                    # server's parent process has no subscribers to inherit.)
-                    self._pid, self.reader = os.getpid(), RedisReader(self)
-                    self.fanout.position = None
-                if self.fanout.position is None and newest is not None:
-                    self.fanout.position = newest
-                    self.reader.start()
-                position = self.fanout.position
-                if position is not None and (
-                    after <= parse_id(position) or newest is not None
-                ):
-                    # The client saw, on another worker, events this reader
-                    # has yet to read: they must not come twice. (An id Redis
-                    # never issued gets a reset instead.)
-                    if parse_id(position) < after <= parse_id(newest or "0-0"):
-                        subscription.skip_through(after)
-                    self.fanout.add(subscription)
-                    break
-            newest = current_backend().call(self.store.newest)
-        if last_id is None:
-            return []
+        call = current_backend().call
+        channels, last_id = subscription.channels, subscription.last_event_id
+        found = (
+            None
+            if last_id is None
+            else call(lambda: self.store.find(channels, last_id))
+        )
+        if self.reader.state == "failing":
+            # Waiting for the reader to be back only makes sense if it can.
+            call(self.store.ping)
+        receiving = current_backend().event()
+        with self.fanout.lock:
+            if self._pid != os.getpid():
+                # A forked worker starts with no reader of its own. (A
+                # server's parent process has no subscribers to inherit.)
+                self._pid, self.reader = os.getpid(), RedisReader(self)
+            self.fanout.add(subscription)
+            self.reader.start()
+            self.reader.when_active(frozenset(channels), receiving)
         try:
-            return current_backend().call(
-                lambda: self.store.read_after(
-                    subscription.channels, last_id, found, position
-                )
+            # Only once the reader receives the channels does history tell
+            # what the subscription would otherwise miss.
+            receiving.wait(ATTACH_TIMEOUT_SECONDS)
+            with self.fanout.lock:
+                if not set(channels) <= self.reader.active:
+                    raise self.store.unreachable(
+                        "subscribe", TimeoutError("the reader is not receiving")
+                    )
+            backlog, floor = call(
+                lambda: self.store.read_after(channels, last_id, found)
             )
         except BrokerError:
             self.detach(subscription)
             raise
-
-    def deliver(self, messages: list[Read], position: str) -> None:
-        """Fan ``messages`` out, or end the streams of the channels a
-        disconnect names, and move the hand-over point to ``position``, in
-        one step: a subscription attached next replays up to it."""
         with self.fanout.lock:
-            for channel, item in messages:
-                if channel is None:
-                    self.fanout.end_channels(t.cast("list[str]", item))
-                else:
-                    self.fanout.deliver(channel, t.cast("Message", item))
-            self.fanout.position = position
+            self.reader.set_floor(channels, floor)
+        # Live events up to the snapshot are in the backlog, or older than
+        # the subscription.
+        subscription.skip_through(floor)
+        return backlog
 
-    def overtaken(self, position: str) -> None:
-        """Trimming passed the reader: end every stream and go on from
-        ``position``, in one step, so nobody attaches in between."""
+    def deliver(
+        self,
+        channel: str,
+        message: Message,
+        delivered: dict[str, tuple[int, int] | None],
+    ) -> None:
+        """Fan ``message`` out unless ``channel`` had it already, which
+        ``delivered`` tells for each channel the reader receives."""
         with self.fanout.lock:
-            self.fanout.end_all()
-            self.fanout.position = position
+            if channel not in delivered:
+                return
+            done = delivered[channel]
+            if done is None or message.order > done:
+                delivered[channel] = message.order
+                self.fanout.deliver(channel, message)
+
+    def end_channels(self, channels: cabc.Iterable[str]) -> None:
+        """End this worker's streams of ``channels``; their clients replay."""
+        with self.fanout.lock:
+            self.fanout.end_channels(channels)
 
     def cluster_stats(self) -> list[dict[str, t.Any]]:
-        """Every live worker's subscriptions, from the keys their readers keep.
+        """Every live worker's subscriptions, from the keys their readers
+        keep.
 
         :raises BrokerError: if Redis cannot be reached.
         """
@@ -390,3 +424,7 @@ class RedisBroker(Broker):
         super().close()
         self.reader.stopping = True
         self.store.close()
+
+
+def _message(entry_id: str, fields: dict[str, str]) -> Message:
+    return message({**fields, "o": entry_id})
