@@ -11,7 +11,10 @@ from flask.cli import AppGroup
 
 from .brokers.base import BrokerError
 from .brokers.base import check_channel
+from .doctor import diagnose
 from .event import Event
+from .stream import DEFAULT_KEEPALIVE_SECONDS
+from .stream import seconds
 
 if t.TYPE_CHECKING:
     from .blueprint import EventStreamState
@@ -122,3 +125,56 @@ def stats_command(as_json: bool) -> None:
     click.echo(f"In all: {sum(w['subscriptions'] for w in workers)} subscriptions")
     for name, count in sorted(channels.items()):
         click.echo(f"  {name}: {count}")
+
+
+@eventstream.command("doctor")
+@click.argument("url")
+@click.option(
+    "--publish",
+    is_flag=True,
+    help="Also publish a test event on a channel of its own, through the"
+    " app's broker (shared with the servers: Redis), and time its arrival.",
+)
+@click.option(
+    "--keep-alive",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="The endpoint's keep-alive interval, if it sets its own; by default"
+    " EVENTSTREAM_KEEPALIVE.",
+)
+def doctor_command(url: str, publish: bool, keep_alive: float | None) -> None:
+    """Probe the event stream at URL as a browser would, and say what to fix.
+
+    Each check prints a line that starts with ok, warn or fail; the exit
+    status is 1 if a check failed. Run it on the server's host to have the
+    gunicorn worker checked too.
+    """
+    config = current_app.config
+    if keep_alive is None:
+        try:
+            value = config.get("EVENTSTREAM_KEEPALIVE", DEFAULT_KEEPALIVE_SECONDS)
+            keep_alive = seconds("EVENTSTREAM_KEEPALIVE", value)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+    send = None
+    if publish:
+        broker = _shared_state("doctor --publish").broker
+
+        def send(channel: str, data: str) -> None:
+            broker.publish(channel, Event(data, event="eventstream.doctor"))
+
+    try:
+        checks = diagnose(
+            url,
+            keep_alive=keep_alive,
+            publish=send,
+            max_connections=config.get("EVENTSTREAM_MAX_CONNECTIONS"),
+        )
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'URL'") from None
+    failed = False
+    for check in checks:
+        click.echo(str(check))
+        failed = failed or check.verdict == "fail"
+    if failed:
+        raise SystemExit(1)

@@ -20,6 +20,7 @@ from .concurrency import StreamSource
 from .event import encode_comment
 from .event import Event
 from .event import set_json_dumps_lookup
+from .startup import warn_about_worker
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
@@ -235,6 +236,7 @@ def event_stream_response(
 ) -> Response:
     """Build the streaming response for what a view returned."""
     app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+    warn_about_worker(app.config)  # Once per worker: what its server cannot do.
     response = _StreamResponse(direct_passthrough=True, headers=HEADERS)
     response.headers.update(options.headers)
     if request.method == "HEAD":
