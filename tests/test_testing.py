@@ -41,8 +41,12 @@ def test_read_events_keeps_extra_events_for_the_next_call(
     with client.get("/s") as rv:
         assert [e.data for e in read_events(rv, 2)] == ["0", "1"]
         assert [e.data for e in read_events(rv, 2)] == ["2", "3"]
-        # The stream ends after one more: fewer than asked for, no waiting.
-        assert [e.data for e in read_events(rv, 9)] == ["4"]
+        # The stream ends after one more and the end event: fewer than
+        # asked for, no waiting.
+        assert [(e.event, e.data) for e in read_events(rv, 9)] == [
+            ("message", "4"),
+            ("eventstream.end", "{}"),
+        ]
 
 
 def test_read_events_times_out_on_a_silent_stream(
