@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
-import hashlib
-import importlib.resources
 import random
 import typing as t
 import weakref
@@ -17,52 +14,37 @@ from flask import current_app
 from flask import has_request_context
 from flask import request
 from flask import Response
-from werkzeug.exceptions import BadRequest
 
-from .brokers import broker_from_url
+from . import metrics
+from .body import EventStreamBody
 from .brokers.base import BrokerError
 from .brokers.base import check_channel
 from .cli import eventstream as eventstream_commands
-from .concurrency import os_lock
 from .event import Event
+from .request_args import check_last_event_id
+from .request_args import query_args
+from .request_args import refuse
+from .request_args import request_last_event_id
+from .request_args import wants_event_stream
+from .script import add_script_version
+from .script import serve_script
+from .settings import DEFAULTS
+from .settings import EventStreamState
 from .stream import event_stream_response
 from .stream import HEADERS
 from .stream import own_until_streamed
 from .stream import release_unstreamed
-from .stream import seconds
 from .stream import StreamOptions
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
 
     from flask.sansio.app import App
-    from werkzeug.datastructures import MultiDict
 
-    from .brokers.base import Broker
     from .brokers.fanout import Subscription
 
-#: Every setting, with its default. Read once, when the blueprint is
-#: registered on an app.
-DEFAULTS: dict[str, t.Any] = {
-    "EVENTSTREAM_BROKER_URL": "memory://",
-    "EVENTSTREAM_KEY_PREFIX": "eventstream",
-    "EVENTSTREAM_HISTORY": 1000,
-    "EVENTSTREAM_HISTORY_TTL": 86400,
-    "EVENTSTREAM_QUEUE_SIZE": 1000,
-    "EVENTSTREAM_MAX_CHANNELS": 32,
-    "EVENTSTREAM_MAX_CONNECTIONS": None,
-    "EVENTSTREAM_MAX_CONNECTIONS_PER_CLIENT": None,
-    "EVENTSTREAM_RETRY": None,
-    "EVENTSTREAM_MAX_AGE": None,
-    "EVENTSTREAM_KEEPALIVE": 15.0,
-    "EVENTSTREAM_SEND_TIMEOUT": 60.0,
-}
 #: What a client over ``EVENTSTREAM_MAX_CONNECTIONS`` is told to wait.
 RETRY_AFTER_SECONDS = 5
-#: How long a browser keeps ``eventstream.js`` fetched from the URL that
-#: ``url_for`` gives, which names its version.
-SCRIPT_MAX_AGE_SECONDS = 365 * 86400
-
 # Methods the endpoint answers itself, so that those a client may try get a
 # plain 405 rather than the app's HTML error page, and OPTIONS lists only
 # what is allowed.
@@ -77,97 +59,6 @@ class _Unset:
 
 # The default of a stream option that the app's config sets.
 UNSET: t.Any = _Unset()
-
-#: Why :meth:`EventStreamState.reserve` refused a stream.
-Refusal = t.Literal["process", "client"]
-
-
-class EventStreamState:
-    """One app's broker and limits, in ``app.extensions["eventstream"]``.
-
-    :param config: the app's config, with the defaults filled in.
-    """
-
-    def __init__(self, config: cabc.Mapping[str, t.Any]) -> None:
-        self.history = _count(config, "EVENTSTREAM_HISTORY")
-        self.queue_size = _count(config, "EVENTSTREAM_QUEUE_SIZE")
-        self.max_channels = _count(config, "EVENTSTREAM_MAX_CHANNELS")
-        self.max_connections = _count(
-            config, "EVENTSTREAM_MAX_CONNECTIONS", optional=True
-        )
-        self.max_per_client = _count(
-            config, "EVENTSTREAM_MAX_CONNECTIONS_PER_CLIENT", optional=True
-        )
-        unknown = [k for k in config if k.startswith("EVENTSTREAM_")]
-        for key in sorted(set(unknown) - set(DEFAULTS)):
-            close = difflib.get_close_matches(key, DEFAULTS, 1)
-            hint = f" Did you mean {close[0]}?" if close else ""
-            raise ValueError(f"{key} is not a setting of Flask-EventStream.{hint}")
-        #: The stream options that the config sets, each checked here.
-        self.stream_defaults: dict[str, t.Any] = {
-            "retry": _retry(config, "EVENTSTREAM_RETRY"),
-            **{
-                name: seconds(key, config[key])
-                for name, key in [
-                    ("keep_alive", "EVENTSTREAM_KEEPALIVE"),
-                    ("max_age", "EVENTSTREAM_MAX_AGE"),
-                    ("send_timeout", "EVENTSTREAM_SEND_TIMEOUT"),
-                ]
-            },
-        }
-        history_ttl = seconds(
-            "EVENTSTREAM_HISTORY_TTL", config["EVENTSTREAM_HISTORY_TTL"], optional=False
-        )
-        prefix = config["EVENTSTREAM_KEY_PREFIX"]
-        if not isinstance(prefix, str) or not prefix:
-            raise ValueError(
-                f"EVENTSTREAM_KEY_PREFIX must be a non-empty string (got {prefix!r})."
-            )
-        url = config["EVENTSTREAM_BROKER_URL"]
-        if not isinstance(url, str):
-            raise ValueError(
-                "EVENTSTREAM_BROKER_URL must be a URL such as memory:// or"
-                f" redis://host:6379/0 (got {url!r})."
-            )
-        self.broker: Broker = broker_from_url(
-            url,
-            history=self.history,
-            history_ttl=t.cast(float, history_ttl),
-            prefix=prefix,
-        )
-        #: Streams open now in this process.
-        self.streams = 0
-        #: Streams open now per client key, for clients that have any.
-        self.clients: dict[str, int] = {}
-        self._lock = os_lock()
-
-    def reserve(self, client: str | None = None) -> Refusal | None:
-        """Count one more open stream for ``client`` (a key, or None for the
-        process's limit only); return which limit refused it, if one did."""
-        with self._lock:
-            if (
-                self.max_connections is not None
-                and self.streams >= self.max_connections
-            ):
-                return "process"
-            if client is not None:
-                count = self.clients.get(client, 0)
-                if self.max_per_client is not None and count >= self.max_per_client:
-                    return "client"
-                self.clients[client] = count + 1
-            self.streams += 1
-            return None
-
-    def release(self, client: str | None = None) -> None:
-        """Count one stream fewer, for ``client`` as it was reserved."""
-        with self._lock:
-            self.streams -= 1
-            if client is not None:
-                count = self.clients.pop(client) - 1
-                # Keys with no stream are dropped, so the table holds only
-                # the clients connected now, however many came and went.
-                if count:
-                    self.clients[client] = count
 
 
 class EventStream(Blueprint):
@@ -194,6 +85,8 @@ class EventStream(Blueprint):
         ``EVENTSTREAM_MAX_AGE``.
     :param send_timeout: seconds a client may take no data before its
         stream ends. Defaults to ``EVENTSTREAM_SEND_TIMEOUT``.
+    :param metrics: turn on Prometheus metrics for the process, as
+        ``EVENTSTREAM_METRICS`` does; see :doc:`/metrics`.
     :param blueprint_kwargs: passed on to :class:`flask.Blueprint`.
 
     The stream options apply to the blueprint's endpoint, as those of
@@ -213,6 +106,7 @@ class EventStream(Blueprint):
         retry: int | None = UNSET,
         max_age: float | None = UNSET,
         send_timeout: float | None = UNSET,
+        metrics: bool = False,
         **blueprint_kwargs: t.Any,
     ) -> None:
         given: dict[str, t.Any] = {
@@ -225,6 +119,9 @@ class EventStream(Blueprint):
         self._given_options = {k: v for k, v in given.items() if v is not UNSET}
         # Checked now, so a wrong argument fails where it is written.
         StreamOptions.create(**self._given_options)
+        if not isinstance(metrics, bool):
+            raise TypeError(f"'metrics' is True or False (got {metrics!r}).")
+        self._metrics = metrics
         self._options: weakref.WeakKeyDictionary[App, StreamOptions] = (
             weakref.WeakKeyDictionary()
         )
@@ -235,8 +132,8 @@ class EventStream(Blueprint):
         self._authorize: cabc.Callable[[str], bool] | None = None
         self._client_key: cabc.Callable[[], str | None] = _remote_addr
         self.teardown_app_request(release_unstreamed)
-        self.add_url_rule("/eventstream.js", "script", _script)
-        self.url_defaults(_script_version)
+        self.add_url_rule("/eventstream.js", "script", serve_script)
+        self.url_defaults(add_script_version)
         # The subscribe endpoint is the prefix itself: /events?channel=a.
         self.record(
             lambda s: s.add_url_rule(
@@ -261,6 +158,8 @@ class EventStream(Blueprint):
                 app.config.setdefault(key, value)
             app.extensions["eventstream"] = EventStreamState(app.config)
         state: EventStreamState = app.extensions["eventstream"]
+        if self._metrics or state.metrics:
+            metrics.enable()
         self._options[app] = StreamOptions.create(
             **{**state.stream_defaults, **self._given_options}
         )
@@ -416,26 +315,27 @@ class EventStream(Blueprint):
         if authorize and self._authorize is not None and has_request_context():
             for name in names:
                 if not self._authorize(name):
-                    _refuse(403, f"Not allowed to subscribe to the channel {name!r}.")
+                    refuse(403, f"Not allowed to subscribe to the channel {name!r}.")
         if last_event_id is None and has_request_context():
-            last_event_id = _request_last_event_id()
+            last_event_id = request_last_event_id()
         elif last_event_id:
-            _check_id(last_event_id, "The last event id")
+            check_last_event_id(last_event_id, "The last event id")
         client = None
         if state.max_per_client is not None and has_request_context():
             client = self._client_key()
         refused = state.reserve(client)
-        if refused is not None and _wants_event_stream():
+        if refused is not None and wants_event_stream():
             # EventSource gives up for good on any status but 200; told to
             # retry, it comes back by itself, and the jitter keeps refused
             # browsers from all coming back at once.
             delay = round(RETRY_AFTER_SECONDS * 1000 * random.uniform(0.8, 1.2))
+            metrics.hooks.refused(200)
             abort(Response(Event(retry=delay).encode(), headers=HEADERS))
         retry_after = {"Retry-After": str(RETRY_AFTER_SECONDS)}
         if refused == "process":
-            _refuse(503, "Too many open streams; try again shortly.", retry_after)
+            refuse(503, "Too many open streams; try again shortly.", retry_after)
         if refused == "client":
-            _refuse(
+            refuse(
                 429,
                 f"Too many open streams from this client (at most"
                 f" {state.max_per_client}); close one or try again shortly.",
@@ -463,48 +363,22 @@ class EventStream(Blueprint):
         if request.method == "OPTIONS":
             return Response(status=204, headers=_ALLOW)
         if request.method not in ("GET", "HEAD"):
-            _refuse(
+            refuse(
                 405,
                 f"Subscribe with GET; {request.method} is not allowed here.",
                 _ALLOW,
             )
         state = _state()
         try:
-            names = _channel_names(_args().getlist("channel"), state.max_channels)
+            names = _channel_names(query_args().getlist("channel"), state.max_channels)
         except ValueError as e:
-            _refuse(400, str(e))
+            refuse(400, str(e))
         options = self._options[current_app._get_current_object()]  # type: ignore[attr-defined]
-        return event_stream_response(self.listen(*names), options, "eventstream")
-
-
-@functools.cache
-def _script_file() -> tuple[bytes, str]:
-    body = (
-        importlib.resources.files(__package__) / "static/eventstream.js"
-    ).read_bytes()
-    return body, hashlib.sha256(body).hexdigest()[:16]
-
-
-def _script() -> Response:
-    body, version = _script_file()
-    # The URL that url_for gives names the version, so it may be kept for
-    # long; any other is checked again each time, cheaply, by its ETag.
-    cache = (
-        f"public, max-age={SCRIPT_MAX_AGE_SECONDS}, immutable"
-        if request.args.get("v") == version
-        else "no-cache"
-    )
-    response = Response(body, mimetype="text/javascript")
-    response.headers["Cache-Control"] = cache
-    response.set_etag(version)
-    # In place: 304 with no body when the browser has this version.
-    response.make_conditional(request)
-    return response
-
-
-def _script_version(endpoint: str, values: dict[str, t.Any]) -> None:
-    if endpoint.rpartition(".")[2] == "script":
-        values.setdefault("v", _script_file()[1])
+        response = event_stream_response(self.listen(*names), options, "eventstream")
+        if isinstance(response.response, EventStreamBody):
+            # Streams of the endpoint itself; those of views stay "view".
+            response.response.kind = "blueprint"
+        return response
 
 
 def _channel_names(channels: cabc.Iterable[str], most: int) -> list[str]:
@@ -515,14 +389,6 @@ def _channel_names(channels: cabc.Iterable[str], most: int) -> list[str]:
             f" to at once (got {len(names)})."
         )
     return names
-
-
-def _wants_event_stream() -> bool:
-    # Named outright, as EventSource does; */* is any client's default.
-    return has_request_context() and any(
-        value == "text/event-stream" and quality > 0
-        for value, quality in request.accept_mimetypes
-    )
 
 
 def _remote_addr() -> str | None:
@@ -537,62 +403,3 @@ def _state() -> EventStreamState:
             "This app has no event stream state. Did you register the"
             " 'EventStream' blueprint on it?"
         ) from None
-
-
-def _args() -> MultiDict[str, str]:
-    # Werkzeug decodes the query string on first use and raises on bytes
-    # that are not UTF-8, which only a hand-made request sends unescaped.
-    try:
-        return request.args
-    except UnicodeDecodeError:
-        _refuse(400, "The query string is not valid UTF-8; percent-encode it.")
-
-
-def _request_last_event_id() -> str | None:
-    raw = request.headers.get("Last-Event-ID")
-    if raw is not None:
-        # WSGI hands headers over as latin-1; browsers send UTF-8.
-        try:
-            raw = raw.encode("latin-1").decode("utf-8")
-        except UnicodeError:
-            _refuse(400, "The Last-Event-ID header is not valid UTF-8.")
-    else:
-        raw = _args().get("lastEventId")
-    return _check_id(raw, "The Last-Event-ID") if raw else None
-
-
-def _check_id(value: str, what: str) -> str:
-    # Any other string is an id: one the broker cannot find gets a reset.
-    if len(value) > 200 or "\r" in value or "\n" in value or "\0" in value:
-        message = (
-            f"{what} is not an event id: ids are 1-200 characters without a line"
-            f" break or NUL (got {value[:60]!r})."
-        )
-        raise BadRequest(message, Response(message + "\n", 400, mimetype="text/plain"))
-    return value
-
-
-def _refuse(
-    status: int, message: str, headers: dict[str, str] | None = None
-) -> t.NoReturn:
-    abort(Response(message + "\n", status, headers, mimetype="text/plain"))
-
-
-def _retry(config: cabc.Mapping[str, t.Any], key: str) -> int | None:
-    value = config[key]
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, int) or value < 0
-    ):
-        raise ValueError(
-            f"{key} must be a whole number of milliseconds, or None (got {value!r})."
-        )
-    return value
-
-
-def _count(config: cabc.Mapping[str, t.Any], key: str, optional: bool = False) -> t.Any:
-    value = config[key]
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key} must be a positive whole number (got {value!r}).")
-    return value

@@ -18,6 +18,7 @@ from flask import stream_with_context
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
+from . import metrics
 from .concurrency import current_backend
 from .concurrency import Mailbox
 from .concurrency import on_cut_short
@@ -34,6 +35,8 @@ if t.TYPE_CHECKING:
 
     from .concurrency import Backend
     from .concurrency import Stop
+    from .metrics import CloseReason
+    from .metrics import Kind
     from .watcher import Watcher
 
 #: How many encoded events a generator may get ahead of its client.
@@ -135,11 +138,14 @@ class GeneratorSource(StreamSource):
                     break
             if self._was_cut_short:
                 last = None
+            elif not mailbox.closed:
+                self.ended_by = "end"
         except HTTPException as e:
             self._app.logger.info(
                 "The event stream view %r ended its stream with %s.", self._name, e
             )
             last = error_event(e.get_response().status_code, e.description)
+            self._failed(mailbox)
         except Exception:
             self._app.logger.exception(
                 "The event stream view %r raised an exception; its stream was"
@@ -147,11 +153,17 @@ class GeneratorSource(StreamSource):
                 self._name,
             )
             last = error_event(500)
+            self._failed(mailbox)
         finally:
             if last is not None and not mailbox.closed:
                 mailbox.put(last)
             mailbox.close()
             self._close_iterable()
+
+    def _failed(self, mailbox: Mailbox[bytes]) -> None:
+        # Once the stream was interrupted, its end has a cause already.
+        if not mailbox.closed:
+            self.ended_by = "error"
 
     def _cut_short(self) -> None:
         self._was_cut_short = True
@@ -199,6 +211,10 @@ class EventStreamBody:
         self._ends_at: float | None = None
         self._closed = False
         self._cleanups: list[cabc.Callable[[], None]] = []
+        #: What served the stream, for metrics; the blueprint sets its own.
+        self.kind: Kind = "view"
+        # Why the stream ends, once the body knows or was told.
+        self._reason: CloseReason | None = None
 
     def __iter__(self) -> EventStreamBody:
         return self
@@ -218,16 +234,17 @@ class EventStreamBody:
             if chunks:
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 return self._sending(data, now)
-            if self.source.drained or (
-                self._ends_at is not None and now >= self._ends_at
-            ):
+            drained = self.source.drained
+            if drained or (self._ends_at is not None and now >= self._ends_at):
+                self._reason = self._reason or ("end" if drained else "max_age")
                 self.close()
                 raise StopIteration
             if self._next_beat is not None and now >= self._next_beat:
                 return self._sending(self._heartbeat, now)
 
-    def interrupt(self) -> None:
-        """End the stream at its next wake-up; never blocks."""
+    def interrupt(self, reason: CloseReason) -> None:
+        """End the stream at its next wake-up, for ``reason``; never blocks."""
+        self._reason = self._reason or reason
         self.source.interrupt()
 
     def add_cleanup(self, fn: cabc.Callable[[], None]) -> None:
@@ -242,6 +259,11 @@ class EventStreamBody:
         self.writing_since = None
         if self._watcher is not None:
             self._watcher.discard(self)
+            # A source that ended by itself did so before any interruption
+            # (which would have closed it first); a body closed by the server
+            # with no cause known was left by its client.
+            reason = self.source.ended_by or self._reason or "client_left"
+            metrics.hooks.stream_closed(self.kind, reason)
         self.source.close()
         for fn in self._cleanups:
             fn()
@@ -253,6 +275,7 @@ class EventStreamBody:
             self._ends_at = now + self._max_age
         self._watcher = watcher_for(backend)
         self._watcher.add(self)
+        metrics.hooks.stream_opened(self.kind)
         self.source.start(backend)
         return self._sending(self._opening, now)
 

@@ -17,8 +17,8 @@ from .stream import DEFAULT_KEEPALIVE_SECONDS
 from .stream import seconds
 
 if t.TYPE_CHECKING:
-    from .blueprint import EventStreamState
     from .brokers.redis import RedisBroker
+    from .settings import EventStreamState
 
 eventstream = AppGroup("eventstream", help="Publish events and inspect streams.")
 

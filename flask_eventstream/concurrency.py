@@ -20,6 +20,8 @@ import typing as t
 if t.TYPE_CHECKING:
     import collections.abc as cabc
 
+    from .metrics import CloseReason
+
 
 _R = t.TypeVar("_R")
 
@@ -258,6 +260,10 @@ class StreamSource(abc.ABC):
     A source is started when the client reads the first byte, and closed
     exactly once, when the response is closed.
     """
+
+    #: Why the source ended by itself (``end``, ``error``, ``slow_consumer``),
+    #: if it did before it was interrupted; None otherwise.
+    ended_by: CloseReason | None = None
 
     @abc.abstractmethod
     def start(self, backend: Backend) -> None:

@@ -25,6 +25,7 @@ from .concurrency import os_lock
 
 if t.TYPE_CHECKING:
     from .concurrency import Backend
+    from .metrics import CloseReason
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ class Watched(t.Protocol):
     send_timeout: float | None
     writing_since: float | None
 
-    def interrupt(self) -> None:
-        """End the stream at its next wake-up; never block."""
+    def interrupt(self, reason: CloseReason) -> None:
+        """End the stream at its next wake-up, for ``reason``; never block."""
 
 
 class Watcher:
@@ -145,7 +146,7 @@ class Watcher:
                     hung_up.append(stream)
             streams = list(self._streams)
         for stream in hung_up:
-            stream.interrupt()
+            stream.interrupt("client_left")
         self._check(streams)
 
     def _check(self, streams: list[Watched]) -> None:
@@ -153,7 +154,7 @@ class Watcher:
         now = time.monotonic()
         for stream in streams:
             if stopping:
-                stream.interrupt()
+                stream.interrupt("shutdown")
                 continue
             since, limit = stream.writing_since, stream.send_timeout
             if since is not None and limit is not None and now - since > limit:
@@ -174,7 +175,7 @@ def _fileno(sock: socket.socket | None) -> int | None:
 
 def _cut(stream: Watched) -> None:
     logger.info("A client took nothing for %s s; stream ended.", stream.send_timeout)
-    stream.interrupt()
+    stream.interrupt("send_timeout")
     # Shutting the socket down fails the server's blocked send with EPIPE,
     # which servers take for a client that left, and the server then closes
     # the response, which closes the generator. It is done through a socket

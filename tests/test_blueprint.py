@@ -22,9 +22,9 @@ from werkzeug.exceptions import BadRequest
 from flask_eventstream import Event
 from flask_eventstream import EventStream
 from flask_eventstream import stream_events
-from flask_eventstream.blueprint import DEFAULTS
-from flask_eventstream.blueprint import EventStreamState
 from flask_eventstream.body import EventStreamBody
+from flask_eventstream.settings import DEFAULTS
+from flask_eventstream.settings import EventStreamState
 from flask_eventstream.testing import read_events
 
 from . import scenarios
@@ -96,6 +96,7 @@ def test_subscribe_endpoint_is_the_prefix(app: Flask, sse: EventStream) -> None:
         ("EVENTSTREAM_KEY_PREFIX", 5),
         ("EVENTSTREAM_BROKER_URL", None),
         ("EVENTSTREAM_KEEP_ALIVE", 10),
+        ("EVENTSTREAM_METRICS", "yes"),
     ],
 )
 def test_bad_config_is_refused_at_registration_naming_the_key(

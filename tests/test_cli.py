@@ -13,9 +13,9 @@ from flask import Flask
 
 from flask_eventstream import Event
 from flask_eventstream import EventStream
-from flask_eventstream.blueprint import EventStreamState
 from flask_eventstream.concurrency import THREADS
 from flask_eventstream.parser import parse
+from flask_eventstream.settings import EventStreamState
 
 from .redis_server import redis_server
 from .redis_server import RedisServer

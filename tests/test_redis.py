@@ -22,12 +22,12 @@ from flask import Flask
 from flask_eventstream import BrokerError
 from flask_eventstream import Event
 from flask_eventstream import EventStream
-from flask_eventstream.blueprint import EventStreamState
 from flask_eventstream.brokers.base import parse_id
 from flask_eventstream.brokers.base import RESET_EVENT
 from flask_eventstream.brokers.redis import RedisBroker
 from flask_eventstream.concurrency import THREADS
 from flask_eventstream.parser import parse
+from flask_eventstream.settings import EventStreamState
 from flask_eventstream.testing import read_events
 
 from . import scenarios

@@ -23,6 +23,7 @@ def test_public_names_match_the_docs() -> None:
         "BrokerError",
         "Event",
         "EventStream",
+        "metrics_view",
         "stream_events",
     ]
 

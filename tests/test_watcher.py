@@ -24,8 +24,10 @@ class FakeStream:
         self.send_timeout = send_timeout
         self.writing_since: float | None = None
         self.interrupted = threading.Event()
+        self.reason: str | None = None
 
-    def interrupt(self) -> None:
+    def interrupt(self, reason: str) -> None:
+        self.reason = reason
         self.interrupted.set()
 
 
@@ -65,6 +67,7 @@ def test_client_hangup_interrupts_its_stream_only(
         watcher.add(staying)
         client_side.close()
         assert gone.interrupted.wait(5)
+        assert gone.reason == "client_left"
         assert not staying.interrupted.is_set()
     finally:
         watcher.discard(gone)
@@ -131,6 +134,7 @@ def test_stalled_write_is_cut_after_send_timeout(
     watcher.add(stream)
     try:
         assert stream.interrupted.wait(5)
+        assert stream.reason == "send_timeout"
         # The peer sees the end of the stream: the socket was shut down.
         client_side.settimeout(5)
         assert client_side.recv(1) == b""
@@ -189,6 +193,7 @@ def test_worker_shutdown_interrupts_every_stream(
     try:
         worker.alive = False
         assert all(stream.interrupted.wait(5) for stream in streams)
+        assert {stream.reason for stream in streams} == {"shutdown"}
     finally:
         for stream in streams:
             watcher.discard(stream)

@@ -15,6 +15,7 @@ import re
 import time
 import typing as t
 
+from .. import metrics
 from ..concurrency import current_backend
 from ..event import Event
 from .fanout import FanOut
@@ -101,6 +102,7 @@ def replay(
     dispatch an event without data.
     """
     backlog = list(heapq.merge(*runs, key=lambda m: m.order))
+    metrics.hooks.replayed(lost)
     if lost:
         backlog.insert(0, Message.of(Event(last_id, event=RESET_EVENT)))
     return backlog

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import typing as t
 
+from .. import metrics
 from ..concurrency import current_backend
 from ..concurrency import Mailbox
 from ..concurrency import on_cut_short
@@ -107,6 +108,7 @@ class Subscription(StreamSource):
             # Waiting would let one slow client hold up every publisher; the
             # client reconnects and catches up from history instead.
             self.overflowed = True
+            self.ended_by = "slow_consumer"
             self._mailbox.close()
         return False
 
@@ -198,6 +200,7 @@ class FanOut:
 
     def add(self, subscription: Subscription) -> None:
         self._count += 1
+        metrics.hooks.subscriptions_changed(1)
         for channel in subscription.channels:
             self._channels.setdefault(channel, set()).add(subscription)
 
@@ -211,6 +214,7 @@ class FanOut:
                 if not subs:
                     del self._channels[channel]
         self._count -= found
+        metrics.hooks.subscriptions_changed(-found)
 
     def deliver(self, channel: str, message: Message) -> None:
         """Hand ``message`` to every subscription of ``channel``."""
@@ -218,6 +222,7 @@ class FanOut:
         if not subs:
             return
         done = [sub for sub in subs if not sub.deliver(message)]
+        metrics.hooks.delivered(len(subs) - len(done))
         for sub in done:
             self.remove(sub)
 
@@ -232,6 +237,7 @@ class FanOut:
         """Interrupt and forget every subscription: their streams end."""
         subs = {sub for subs in self._channels.values() for sub in subs}
         self._channels.clear()
+        metrics.hooks.subscriptions_changed(-self._count)
         self._count = 0
         for sub in subs:
             sub.interrupt()

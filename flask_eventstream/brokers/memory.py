@@ -7,6 +7,7 @@ import dataclasses
 import time
 import typing as t
 
+from .. import metrics
 from .base import Broker
 from .base import check_given_id
 from .base import DEFAULT_HISTORY_TTL_SECONDS
@@ -137,6 +138,7 @@ class MemoryBroker(Broker):
         with self.fanout.lock:
             message = self.store.append(channel, event)
             self.fanout.deliver(channel, message)
+        metrics.hooks.published("memory")
         return t.cast(str, message.event.id)
 
     def disconnect(self, channels: cabc.Sequence[str]) -> None:

@@ -20,6 +20,7 @@ import typing as t
 
 import redis
 
+from .. import metrics
 from ..concurrency import current_backend
 from ..event import Event
 from .base import Message
@@ -110,6 +111,7 @@ class RedisReader:
                     return
                 except Exception as e:
                     failures += 1
+                    metrics.hooks.broker_error()
                     with self.broker.fanout.lock:
                         self.state = "failing"
                         self._asked.clear()
@@ -201,6 +203,7 @@ class RedisReader:
                     reply["data"][:200],
                 )
                 return
+            metrics.hooks.received(found.order[0])
             self.broker.deliver(channel, found, self._delivered)
 
     def _catch_up(self, replies: list[dict[str, t.Any]]) -> None:

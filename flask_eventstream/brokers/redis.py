@@ -12,6 +12,7 @@ publish and replay.
 from __future__ import annotations
 
 import heapq
+import importlib.resources
 import json
 import os
 import socket
@@ -28,6 +29,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "The Redis broker needs 'redis'. Install 'flask-eventstream[redis]'."
     ) from e
 
+from .. import metrics
 from ..concurrency import current_backend
 from ..event import data_text
 from .base import Broker
@@ -51,64 +53,8 @@ if t.TYPE_CHECKING:
 #: How long a new subscription waits for the reader to receive its channels.
 ATTACH_TIMEOUT_SECONDS = 10.0
 
-# One script that makes every check before its first write, so an event is
-# stored whole or not at all, and published once stored. Ids order all the
-# events of the app: each is after the newest the app issued (the "last"
-# key) and the newest of the channel's stream, which may be ahead if a key
-# was lost or Redis's clock stepped back. Streams are trimmed with XDEL, not
-# MAXLEN, because then Redis keeps the newest id it removed in the stream
-# itself (max-deleted-entry-id), where replay finds it. An id the app gave
-# is kept in the entry, and in a hash of the channel for replay to find it,
-# as long as the entry is in history.
-_PUBLISH = """
-local function newest(key)
-  local entry = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
-  return entry and entry[1] or '0-0'
-end
-local function before(a, b)
-  local am, as = string.match(a, '(%d+)-(%d+)')
-  local bm, bs = string.match(b, '(%d+)-(%d+)')
-  if am ~= bm then return #am < #bm or (#am == #bm and am < bm) end
-  return #as < #bs or (#as == #bs and as < bs)
-end
-local time = redis.call('TIME')
-local id = time[1] .. string.format('%03d', math.floor(time[2] / 1000)) .. '-0'
-local base = redis.call('GET', KEYS[2]) or '0-0'
-local channel = newest(KEYS[1])
-if before(base, channel) then base = channel end
-if not before(base, id) then
-  local ms, seq = string.match(base, '(%d+)-(%d+)')
-  id = ms .. '-' .. (tonumber(seq) + 1)
-end
-local given, fields = ARGV[4], {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-if given ~= '' then fields[#fields + 1] = 'i'; fields[#fields + 1] = given end
-redis.call('XADD', KEYS[1], id, unpack(fields))
-local over = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[2])
-if over > 0 then
-  for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', over)) do
-    redis.call('XDEL', KEYS[1], entry[1])
-    local f = entry[2]
-    for j = 1, #f - 1, 2 do
-      -- The app's id leaves with its entry, unless a later one took it.
-      if f[j] == 'i' and redis.call('HGET', KEYS[4], f[j + 1]) == entry[1] then
-        redis.call('HDEL', KEYS[4], f[j + 1])
-      end
-    end
-  end
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-if given ~= '' then
-  redis.call('HSET', KEYS[4], given, id)
-  redis.call('PEXPIRE', KEYS[4], ARGV[3])
-end
-redis.call('SET', KEYS[2], id)
-redis.call('SET', KEYS[3], id, 'NX')
-local published = {o = id}
-for j = 1, #fields - 1, 2 do published[fields[j]] = fields[j + 1] end
-redis.call('PUBLISH', ARGV[1], cjson.encode(published))
-return id
-"""
+# The publish script, with why it is written as it is.
+_PUBLISH = (importlib.resources.files(__package__) / "publish.lua").read_bytes()
 
 
 class RedisStore:
@@ -126,7 +72,7 @@ class RedisStore:
         # from history that Redis lost (a restart without persistence).
         self._first = f"{prefix}:first"
         self._client: tuple[int, redis.Redis] | None = None
-        self._publish = Script(None, _PUBLISH.encode())  # type: ignore[arg-type]
+        self._publish = Script(None, _PUBLISH)  # type: ignore[arg-type]
 
     def live(self, channel: str) -> str:
         """The pub/sub channel that the events of ``channel`` go out on."""
@@ -151,6 +97,7 @@ class RedisStore:
         try:
             entry_id = self._publish(keys, args, self.commands())
         except redis.ResponseError as e:
+            metrics.hooks.broker_error()
             raise BrokerError(f"Redis refused the event: {e}") from e
         except redis.RedisError as e:
             raise self.unreachable("publish", e) from e
@@ -301,6 +248,9 @@ class RedisStore:
             self._client[1].connection_pool.disconnect()
 
     def unreachable(self, action: str, error: Exception) -> BrokerError:
+        """The error to raise when Redis does not answer ``action``."""
+        # Every failure to reach Redis makes its error here, so counts here.
+        metrics.hooks.broker_error()
         parts = urllib.parse.urlsplit(self.url)
         where = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
         return BrokerError(
@@ -338,7 +288,9 @@ class RedisBroker(Broker):
 
     def publish(self, channel: str, event: Event) -> str:
         # The commands connection belongs to the hub's thread under gevent.
-        return current_backend().call(lambda: self.store.append(channel, event))
+        event_id = current_backend().call(lambda: self.store.append(channel, event))
+        metrics.hooks.published("redis")
+        return event_id
 
     def disconnect(self, channels: cabc.Sequence[str]) -> None:
         current_backend().call(lambda: self.store.disconnect(channels))
