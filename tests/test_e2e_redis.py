@@ -329,37 +329,36 @@ def test_cli_publish_reaches_a_subscriber_of_a_running_server(
 def test_disconnect_ends_the_channels_streams_in_every_worker(
     shared_redis: RedisServer,
 ) -> None:
-    """Two gunicorn workers share Redis: disconnect() asked of one ends the
+    """Two gunicorn workers (each of a server of its own, so that each holds
+    streams for sure) share Redis: disconnect() asked of one ends the
     channel's streams in both, and only those."""
-    with serve("gevent", env=settings(shared_redis), workers=2) as server:
-        clients: list[EventClient] = []
+    env = settings(shared_redis)
+    with serve("gevent", env=env) as one, serve("gevent", env=env) as two:
+        clients: dict[str, list[EventClient]] = {"revoked": [], "other": []}
+        workers: set[str] = set()
         try:
-            workers: dict[str, set[str]] = {"revoked": set(), "other": set()}
-            # Streams land on either worker; open until both serve each kind.
-            for _ in range(40):
-                for channel in workers:
-                    client = EventClient(
-                        server.port, f"/worker-stream?channel={channel}"
-                    )
-                    clients.append(client)
-                    (hello,) = client.read(1)
-                    assert hello.event == "worker"
-                    workers[channel].add(hello.data)
-                    client.events.clear()
-                if all(len(pids) == 2 for pids in workers.values()):
-                    break
-            assert all(len(pids) == 2 for pids in workers.values()), workers
-            revoked = clients[0::2]
-            other = clients[1::2]
+            for server in (one, two):
+                for channel, opened in clients.items():
+                    for _ in range(3):
+                        client = EventClient(
+                            server.port, f"/worker-stream?channel={channel}"
+                        )
+                        opened.append(client)
+                        (hello,) = client.read(1)
+                        assert hello.event == "worker"
+                        workers.add(hello.data)
+                        client.events.clear()
+            assert len(workers) == 2
             requests.post(
-                f"{server.url}/disconnect", data={"channel": "revoked"}, timeout=10
+                f"{one.url}/disconnect", data={"channel": "revoked"}, timeout=10
             ).raise_for_status()
-            for client in revoked:
+            for client in clients["revoked"]:
                 # Read to the end: nothing comes but the end of the stream.
                 assert client.read(1, timeout=10) == [] and client.ended
-            publish(server, "other", "still open")
-            for client in other:
+            publish(two, "other", "still open")
+            for client in clients["other"]:
                 assert [e.data for e in client.read(1, timeout=10)] == ["still open"]
         finally:
-            for client in clients:
-                client.close()
+            for opened in clients.values():
+                for client in opened:
+                    client.close()
