@@ -190,6 +190,12 @@ class FanOut:
         self.lock = os_lock()
         self._channels: dict[str, set[Subscription]] = {}
         self._count = 0
+        # Channels that gained their first subscription or lost their last
+        # since a reader last asked, so that it follows interest in steps
+        # as small as the change, however many channels there are.
+        self._changed: set[str] = set()
+        #: Counts every change of subscriptions, to tell when stats change.
+        self.version = 0
 
     def __len__(self) -> int:
         return self._count
@@ -198,10 +204,22 @@ class FanOut:
         """The channels with a subscription in this process."""
         return set(self._channels)
 
+    def has(self, channel: str) -> bool:
+        """Whether ``channel`` has a subscription in this process."""
+        return channel in self._channels
+
+    def take_changed(self) -> set[str]:
+        """The channels whose interest changed since the last call."""
+        changed, self._changed = self._changed, set()
+        return changed
+
     def add(self, subscription: Subscription) -> None:
         self._count += 1
+        self.version += 1
         metrics.hooks.subscriptions_changed(1)
         for channel in subscription.channels:
+            if channel not in self._channels:
+                self._changed.add(channel)
             self._channels.setdefault(channel, set()).add(subscription)
 
     def remove(self, subscription: Subscription) -> None:
@@ -213,7 +231,9 @@ class FanOut:
                 subs.discard(subscription)
                 if not subs:
                     del self._channels[channel]
+                    self._changed.add(channel)
         self._count -= found
+        self.version += found
         metrics.hooks.subscriptions_changed(-found)
 
     def deliver(self, channel: str, message: Message) -> None:
@@ -236,6 +256,8 @@ class FanOut:
     def end_all(self) -> None:
         """Interrupt and forget every subscription: their streams end."""
         subs = {sub for subs in self._channels.values() for sub in subs}
+        self._changed.update(self._channels)
+        self.version += 1
         self._channels.clear()
         metrics.hooks.subscriptions_changed(-self._count)
         self._count = 0

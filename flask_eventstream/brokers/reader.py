@@ -141,20 +141,25 @@ class RedisReader:
         self._wake(everyone=True)
 
     def _read(self, pubsub: t.Any, recovering: bool) -> None:
-        store = self.broker.store
+        store, fanout = self.broker.store, self.broker.fanout
         # After a reconnect, what arrives waits until every channel is
         # received again and caught up from history, so it comes after.
         held: list[dict[str, t.Any]] | None = [] if recovering else None
+        with fanout.lock:
+            # Every channel once, then only those whose interest changed.
+            fanout.take_changed()
+            changed = fanout.channels()
         while True:
-            with self.broker.fanout.lock:
-                wanted = self.broker.fanout.channels()
-                if self.stopping or not wanted:
+            with fanout.lock:
+                if self.stopping or not len(fanout):
                     # In the same step as the decision, so that the next
                     # subscriber starts a reader of its own.
                     self._stopped()
                     return
-                new = wanted - self.active - self._asked
-                gone = self.active - wanted
+                changed |= fanout.take_changed()
+                new = {c for c in changed if fanout.has(c)} - self.active - self._asked
+                gone = {c for c in changed if not fanout.has(c)} & self.active
+                changed = set()
                 self.active -= gone
                 for channel in gone:
                     self._delivered.pop(channel, None)
@@ -174,12 +179,15 @@ class RedisReader:
                 }
                 if new or self._asked - confirmed:
                     continue
-                self._catch_up(held)
+                changed = self._catch_up(held)
                 held = None
-            elif reply is not None:
-                self._take(reply)
+            elif reply is not None and self._take(reply):
+                # Confirmed after its last subscription left.
+                changed.add(store.channel_of(reply["channel"]))
 
-    def _take(self, reply: dict[str, t.Any]) -> None:
+    def _take(self, reply: dict[str, t.Any]) -> bool:
+        """Hand on what Redis sent; True if it confirmed a channel that no
+        subscription wants any more."""
         kind, channel = reply["type"], self.broker.store.channel_of(reply["channel"])
         if kind == "subscribe":
             with self.broker.fanout.lock:
@@ -188,12 +196,13 @@ class RedisReader:
                 self._delivered.setdefault(channel, None)
                 self.state = "reading"
                 self._wake()
+                return not self.broker.fanout.has(channel)
         elif kind == "message":
             try:
                 fields = json.loads(reply["data"])
                 if DISCONNECT in fields:
                     self.broker.end_channels([channel])
-                    return
+                    return False
                 found = message(fields)
             except Exception as e:
                 logger.error(
@@ -202,14 +211,18 @@ class RedisReader:
                     e,
                     reply["data"][:200],
                 )
-                return
+                return False
             metrics.hooks.received(found.order[0])
             self.broker.deliver(channel, found, self._delivered)
+        return False
 
-    def _catch_up(self, replies: list[dict[str, t.Any]]) -> None:
+    def _catch_up(self, replies: list[dict[str, t.Any]]) -> set[str]:
+        """Deliver what the channels missed, then ``replies``; return the
+        channels confirmed that no subscription wants any more."""
         with self.broker.fanout.lock:
-            wanted = self.broker.fanout.channels()
-            for channel in set(self._delivered) - wanted:
+            for channel in [
+                c for c in self._delivered if not self.broker.fanout.has(c)
+            ]:
                 del self._delivered[channel]
             since = {c: o for c, o in self._delivered.items() if o is not None}
         missed, gaps = self.broker.store.read_missed(since)
@@ -219,14 +232,17 @@ class RedisReader:
                 "History lost events of %d channels; their streams end.", len(gaps)
             )
             self.broker.end_channels(gaps)
-        for reply in replies:
-            if reply["type"] == "subscribe":
-                self._take(reply)
+        unwanted = {
+            self.broker.store.channel_of(r["channel"])
+            for r in replies
+            if r["type"] == "subscribe" and self._take(r)
+        }
         for channel, found in missed:
             self.broker.deliver(channel, found, self._delivered)
         for reply in replies:
             if reply["type"] != "subscribe":
                 self._take(reply)
+        return unwanted
 
     def _wake(self, everyone: bool = False) -> None:
         waiting = []
@@ -243,19 +259,20 @@ class RedisReader:
         # runs; on the commands connection, never in the way of live events.
         store = self.broker.store
         key = f"{store.prefix}:worker:{socket.gethostname()}:{os.getpid()}"
-        pause, written, at = current_backend().event(), "", 0.0
+        pause, written, at = current_backend().event(), -1, 0.0
         while self.state != "stopped":
-            stats = {"host": socket.gethostname(), "pid": os.getpid()}
-            stats.update(self.broker.stats())
-            value = json.dumps(stats)
-            if value != written or time.monotonic() - at > WORKER_KEY_SECONDS:
+            version = self.broker.fanout.version
+            if version != written or time.monotonic() - at > WORKER_KEY_SECONDS:
+                stats = {"host": socket.gethostname(), "pid": os.getpid()}
+                stats.update(self.broker.stats())
+                value = json.dumps(stats)
                 with contextlib.suppress(Exception):
                     current_backend().call(
                         functools.partial(
                             store.commands().set, key, value, ex=3 * WORKER_KEY_SECONDS
                         )
                     )
-                    written, at = value, time.monotonic()
+                    written, at = version, time.monotonic()
             pause.wait(STATS_CHECK_SECONDS)
         with contextlib.suppress(Exception):
             current_backend().call(functools.partial(store.commands().delete, key))
