@@ -68,6 +68,11 @@ class Watcher:
     def __len__(self) -> int:
         return len(self._streams)
 
+    @property
+    def running(self) -> bool:
+        """Whether the watch loop runs; it stops a tick after the last stream."""
+        return self._poller is not None
+
     def add(self, stream: Watched) -> None:
         """Start watching ``stream``; start the loop if it is not running."""
         with self._lock:

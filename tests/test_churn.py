@@ -79,6 +79,7 @@ def settled(server: Server, baseline: dict[str, t.Any]) -> dict[str, t.Any]:
             state["streams"] == baseline["streams"]
             and state["subscriptions"] == baseline["subscriptions"]
             and state["watched"] == baseline["watched"]
+            and not state["watching"]
             and state["started"] == state["finished"]
         )
 

@@ -170,6 +170,9 @@ def create_app() -> Flask:
             "pid": os.getpid(),
             "backend": backend.name,
             "watched": len(watcher_for(backend)),
+            # Whether the watcher's loop runs: it ends a tick after the last
+            # stream, and its greenlet with it.
+            "watching": watcher_for(backend).running,
             "greenlets": _greenlets(),
             "threads": threading.active_count(),
             "streams": app.extensions["eventstream"].streams,
