@@ -151,11 +151,12 @@ def _gunicorn_version() -> tuple[int, ...]:
     return tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
 
 
-def _gunicorn(port: int, app: str, max_streams: int) -> list[str]:
+def gunicorn(port: int, app: str, max_streams: int, *, workers: int = 1) -> list[str]:
+    """The command line of ``gunicorn -k gevent`` serving ``app`` on ``port``."""
     command = [
         sys.executable, "-m", "gunicorn",
         "-k", "gevent",
-        "--workers", "1",
+        "--workers", str(workers),
         "--worker-connections", str(max_streams + 100),
         "--bind", f"127.0.0.1:{port}",
         "--log-level", "warning",
@@ -169,11 +170,11 @@ def _gunicorn(port: int, app: str, max_streams: int) -> list[str]:
 def command(name: str, port: int, max_streams: int) -> list[str]:
     """The command line that serves ``name`` on ``port``."""
     if name in ("eventstream", "eventstream-redis"):
-        return _gunicorn(port, "benchmarks.app:create_app()", max_streams)
+        return gunicorn(port, "benchmarks.app:create_app()", max_streams)
     if name == "flask-plain":
-        return _gunicorn(port, "benchmarks.peers.flask_plain:create_app()", max_streams)
+        return gunicorn(port, "benchmarks.peers.flask_plain:create_app()", max_streams)
     if name == "flask-sse":
-        return _gunicorn(port, "benchmarks.peers.flask_sse:create_app()", max_streams)
+        return gunicorn(port, "benchmarks.peers.flask_sse:create_app()", max_streams)
     if name == "raw-gevent":
         module = "benchmarks.peers.raw_gevent"
         return [sys.executable, "-m", module, "--port", str(port)]
@@ -199,7 +200,7 @@ def _environ(name: str, redis_url: str | None) -> dict[str, str]:
     return environ
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM to the process group; SIGKILL if it is not gone in 10 s."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
@@ -211,13 +212,18 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(STOP_TIMEOUT_SECONDS)
 
 
-def _spawn(
-    args: list[str], log_path: pathlib.Path, environ: dict[str, str] | None = None
+def spawn(
+    args: list[str],
+    log_path: pathlib.Path,
+    environ: dict[str, str] | None = None,
+    cwd: pathlib.Path = ROOT,
 ) -> subprocess.Popen[bytes]:
+    """Start ``args`` in a session of its own with the raised open-file
+    limit, its output going to ``log_path``."""
     with log_path.open("wb") as log:
         return subprocess.Popen(
             args,
-            cwd=ROOT,
+            cwd=cwd,
             env=environ,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -228,9 +234,12 @@ def _spawn(
 
 
 @contextlib.contextmanager
-def _redis_server(
+def redis_server(
     directory: pathlib.Path,
 ) -> cabc.Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run a redis-server of its own, on a free port, with ``directory`` for
+    its files; yields its URL and process, and stops it when the block ends.
+    """
     executable = shutil.which("redis-server")
     if executable is None:
         raise RuntimeError("redis-server is not installed; install Debian's.")
@@ -239,7 +248,7 @@ def _redis_server(
     # Redis keeps 32 descriptors for itself; asking for more clients than
     # the limit allows would only make it lower maxclients with a warning.
     max_clients = min(REDIS_MAX_CLIENTS, open_file_limit() - 32)
-    process = _spawn(
+    process = spawn(
         [
             executable,
             "--port", str(port),
@@ -262,7 +271,7 @@ def _redis_server(
             time.sleep(0.05)
         yield f"redis://127.0.0.1:{port}/0", process
     finally:
-        _stop(process)
+        stop(process)
 
 
 def _redis_answers(port: int) -> bool:
@@ -297,13 +306,13 @@ def start(name: str, *, max_streams: int = 20_000) -> cabc.Iterator[Running]:
         redis_url: str | None = None
         redis: subprocess.Popen[bytes] | None = None
         if name in REDIS_NAMES:
-            redis_url, redis = stack.enter_context(_redis_server(directory))
+            redis_url, redis = stack.enter_context(redis_server(directory))
         port = free_port()
         log_path = directory / "server.log"
-        process = _spawn(
+        process = spawn(
             command(name, port, max_streams), log_path, _environ(name, redis_url)
         )
-        stack.callback(_stop, process)
+        stack.callback(stop, process)
         running = Running(name, port, 0, process, log_path, redis, redis_url)
         running.pid = _wait_for_pid(running)
         yield running
