@@ -126,7 +126,7 @@ def _diagnose(
             "run the doctor on the server's host to check it too.",
         )
     else:
-        yield from _worker_checks(host, url, opened, max_connections)
+        yield from _worker_checks(host, port, opened, max_connections)
 
 
 class _Stream:
@@ -317,14 +317,10 @@ def _published(stream: _Stream, send: cabc.Callable[[str], object]) -> Check:
     if stream.wait(arrived, sent + PUBLISH_SECONDS):
         return Check("ok", f"test event after {time.monotonic() - sent:.2f} s")
     late = stream.wait(arrived, sent + HELD_BACK_SECONDS)
+    came = f" (it came within {HELD_BACK_SECONDS:g} s: a busy server?)" if late else ""
     return Check(
         "warn" if late else "fail",
-        f"a test event did not come within {PUBLISH_SECONDS:g} s"
-        + (
-            f" (it came within {HELD_BACK_SECONDS:g} s: a busy server?)."
-            if late
-            else "."
-        ),
+        f"a test event did not come within {PUBLISH_SECONDS:g} s{came}.",
         "give the URL of the EventStream blueprint's endpoint, and the servers"
         " this app's EVENTSTREAM_BROKER_URL; do not compress the stream.",
     )
@@ -363,13 +359,10 @@ def _keep_alive(stream: _Stream, keep_alive: float | None) -> Check:
 
 
 def _worker_checks(
-    host: Host,
-    url: urllib.parse.SplitResult,
-    opened: set[tuple[str, str]],
-    max_connections: int | None,
+    host: Host, port: int, opened: set[tuple[str, str]], max_connections: int | None
 ) -> cabc.Iterator[Check]:
-    """Judge the worker of the gunicorn on ``host`` serving ``url``."""
-    port = url.port or (443 if url.scheme == "https" else 80)
+    """Judge the worker of the gunicorn on ``host`` serving the URL's ``port``,
+    directly or behind a proxy that ``opened`` connections to it."""
     via = {tcp_port(local) for local, _ in opened}
     found = [s for s in host.servers if port in s.ports] or [
         s for s in host.servers if s.ports & via
