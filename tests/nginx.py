@@ -16,7 +16,6 @@ import os
 import pathlib
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -28,6 +27,7 @@ import pytest
 
 from .servers import free_port
 from .servers import ROOT
+from .servers import stop_group
 
 DEPLOYING = ROOT / "docs" / "deploying.rst"
 #: Debian installs nginx here, outside a non-root user's ``PATH``.
@@ -259,22 +259,3 @@ def _wait_until_listening(server: Nginx, timeout: float = 30.0) -> None:
         time.sleep(0.05)
     output = (server.directory / "output.log").read_text("utf-8", "replace")
     raise RuntimeError(f"nginx did not start:\n{output}\n{server.error_log()}")
-
-
-def stop_group(process: subprocess.Popen[bytes]) -> None:
-    """Stop ``process`` and every process of its session, at once.
-
-    SIGTERM is a fast shutdown for nginx and a graceful one for gunicorn;
-    whatever is left after ten seconds is killed.
-    """
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-    # A worker that outlived its master would keep the port.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)

@@ -137,7 +137,7 @@ def serve(
             _wait_until_ready(server, ready)
             yield server
         finally:
-            _stop(process)
+            stop_group(process)
 
 
 def _clean_environ() -> dict[str, str]:
@@ -159,7 +159,12 @@ def _wait_until_ready(server: Server, path: str, timeout: float = 30.0) -> None:
     raise RuntimeError(f"The {server.kind} server did not start:\n{server.output()}")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_group(process: subprocess.Popen[bytes]) -> None:
+    """Stop ``process`` and every process of its session, at once.
+
+    SIGTERM is a fast shutdown for nginx and a graceful one for gunicorn;
+    whatever is left after ten seconds is killed.
+    """
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     try:
@@ -168,6 +173,9 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
+    # A worker that outlived its master would keep the port.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def open_stream(

@@ -21,7 +21,6 @@ import uuid
 import pytest
 import requests
 from flask import url_for
-from playwright.sync_api import Browser
 from playwright.sync_api import Page
 from playwright.sync_api import TimeoutError as PageTimeout
 
@@ -34,13 +33,14 @@ from .nginx import documented_location
 from .nginx import Location
 from .nginx import Nginx
 from .nginx import run_nginx
-from .nginx import stop_group
 from .redis_server import redis_server
 from .servers import command
 from .servers import free_port
 from .servers import ROOT
+from .servers import stop_group
 from .servers import wait_for
 from .test_browser import browser  # noqa: F401
+from .test_browser import new_page  # noqa: F401
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
@@ -144,27 +144,6 @@ def proxy(location: Location, server: Upstream) -> cabc.Iterator[Nginx]:
     page = f"location = /page {{\n    proxy_pass http://{location.upstream};\n}}"
     with run_nginx({location.upstream: server.port}, [location.text, page]) as nginx:
         yield nginx
-
-
-@pytest.fixture
-def new_page(browser: Browser) -> cabc.Iterator[t.Callable[[], Page]]:  # noqa: F811
-    """Open pages, each in a context of its own; a script error fails the test."""
-    contexts = []
-    errors: list[str] = []
-
-    def open_page() -> Page:
-        context = browser.new_context()
-        contexts.append(context)
-        page = context.new_page()
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        return page
-
-    try:
-        yield open_page
-    finally:
-        for context in contexts:
-            context.close()
-    assert errors == [], "Uncaught errors in the page's script."
 
 
 def watch(page: Page, nginx: Nginx, url: str) -> int:
@@ -288,7 +267,7 @@ def test_documented_location_streams_at_once_without_a_redirect(
 
 def test_page_behind_nginx_gets_every_event_published_while_the_app_restarts(
     location: Location,
-    new_page: t.Callable[[], Page],
+    new_page: t.Callable[[], Page],  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """gunicorn stops, nginx answers 502, events are published; once the app is
@@ -350,7 +329,8 @@ def test_page_behind_nginx_gets_every_event_published_while_the_app_restarts(
 
 
 def test_page_behind_nginx_is_told_of_the_reset_after_a_memory_broker_restart(
-    location: Location, new_page: t.Callable[[], Page]
+    location: Location,
+    new_page: t.Callable[[], Page],  # noqa: F811
 ) -> None:
     """With the in-memory broker the restarted app cannot resume: ``onReset``."""
     channel = f"c{uuid.uuid4().hex}"

@@ -25,12 +25,12 @@ from flask_eventstream.startup import problems
 from flask_eventstream.startup import settings_of
 from flask_eventstream.startup import WorkerSettings
 
-from .nginx import stop_group
 from .servers import command
 from .servers import free_port
 from .servers import ROOT
 from .servers import serve
 from .servers import Server
+from .servers import stop_group
 from .servers import wait_for
 
 if t.TYPE_CHECKING:
