@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import time
 import typing as t
-import uuid
 
 import pytest
 import redis
@@ -17,7 +16,6 @@ from flask_eventstream.concurrency import THREADS
 from flask_eventstream.parser import parse
 from flask_eventstream.settings import EventStreamState
 
-from .redis_server import redis_server
 from .redis_server import RedisServer
 
 if t.TYPE_CHECKING:
@@ -26,17 +24,6 @@ if t.TYPE_CHECKING:
     from click.testing import Result
 
     from flask_eventstream.brokers.fanout import Subscription
-
-
-@pytest.fixture(scope="module")
-def server() -> cabc.Iterator[RedisServer]:
-    with redis_server() as server:
-        yield server
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"t{uuid.uuid4().hex}"
 
 
 @pytest.fixture

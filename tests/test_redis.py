@@ -48,22 +48,11 @@ if t.TYPE_CHECKING:
     MakeBroker = cabc.Callable[..., RedisBroker]
 
 
-@pytest.fixture(scope="module")
-def server() -> cabc.Iterator[RedisServer]:
-    with redis_server() as server:
-        yield server
-
-
 @pytest.fixture
 def own_server() -> cabc.Iterator[RedisServer]:
     """A redis-server of the test's own, for counting or killing it."""
     with redis_server() as server:
         yield server
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"t{uuid.uuid4().hex}"
 
 
 @pytest.fixture

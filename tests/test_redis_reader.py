@@ -14,20 +14,12 @@ from flask_eventstream.brokers.redis import RedisBroker
 from flask_eventstream.concurrency import THREADS
 from flask_eventstream.parser import parse
 
-from .redis_server import redis_server
-
 if t.TYPE_CHECKING:
     import collections.abc as cabc
 
     from flask_eventstream.brokers.fanout import Subscription
 
     from .redis_server import RedisServer
-
-
-@pytest.fixture(scope="module")
-def server() -> cabc.Iterator[RedisServer]:
-    with redis_server() as server:
-        yield server
 
 
 @pytest.fixture

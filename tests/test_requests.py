@@ -13,7 +13,6 @@ import uuid
 import pytest
 
 from . import scenarios
-from .redis_server import redis_server
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
@@ -21,12 +20,6 @@ if t.TYPE_CHECKING:
     from flask import Flask
 
     from .redis_server import RedisServer
-
-
-@pytest.fixture(scope="module")
-def server() -> cabc.Iterator[RedisServer]:
-    with redis_server() as server:
-        yield server
 
 
 @pytest.fixture(params=["memory", "redis"])
