@@ -11,6 +11,7 @@ import contextvars
 import functools
 import json
 import math
+import sys
 import time
 import typing as t
 
@@ -24,6 +25,7 @@ from .concurrency import Mailbox
 from .concurrency import on_cut_short
 from .concurrency import StreamSource
 from .event import Event
+from .socket_writer import iterated_by_server
 from .watcher import SEND_SLICE_BYTES
 from .watcher import watcher_for
 
@@ -37,6 +39,7 @@ if t.TYPE_CHECKING:
     from .concurrency import Stop
     from .metrics import CloseReason
     from .metrics import Kind
+    from .socket_writer import SocketWriter
     from .watcher import Watcher
 
 #: How many encoded events a generator may get ahead of its client.
@@ -198,6 +201,8 @@ class EventStreamBody:
     ) -> None:
         self.socket = sock
         self.send_timeout = send_timeout
+        #: Set by the response when the stream may write its socket itself.
+        self.writer: SocketWriter | None = None
         #: When the server was handed the slice it is writing, or None.
         self.writing_since: float | None = None
         self._rest: bytes | memoryview = b""
@@ -227,20 +232,49 @@ class EventStreamBody:
         if self._rest:
             return self._sending(self._rest, time.monotonic())
         if self._watcher is None:
+            if not iterated_by_server(sys._getframe(1)):
+                self.writer = None
             return self._start()
         while True:
+            data = self._next_data()
+            if self.writer is None:
+                return self._sending(data, time.monotonic())
+            self._write(data, self.writer)
+
+    def _next_data(self) -> bytes:
+        # What goes out next: the chunks that are ready, or a keep-alive
+        # once it is due; StopIteration once the stream is over.
+        writer = self.writer
+        while True:
             chunks = self.source.take(self._timeout())
-            now = time.monotonic()
             if chunks:
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                return self._sending(data, now)
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if writer is not None:
+                if writer.rest:
+                    return b""
+                if self._keep_alive is not None:
+                    # What the fan-out wrote counts as not being silent.
+                    quiet_until = writer.wrote_at + self._keep_alive
+                    self._next_beat = max(self._next_beat or 0.0, quiet_until)
+            now = time.monotonic()
             drained = self.source.drained
             if drained or (self._ends_at is not None and now >= self._ends_at):
                 self._reason = self._reason or ("end" if drained else "max_age")
                 self.close()
                 raise StopIteration
             if self._next_beat is not None and now >= self._next_beat:
-                return self._sending(self._heartbeat, now)
+                return self._heartbeat
+
+    def _write(self, data: bytes, writer: SocketWriter) -> None:
+        if self._keep_alive is not None:
+            self._next_beat = time.monotonic() + self._keep_alive
+        try:
+            writer.write(data, self._progress)
+        finally:
+            self.writing_since = None
+
+    def _progress(self) -> None:
+        self.writing_since = time.monotonic()
 
     def interrupt(self, reason: CloseReason) -> None:
         """End the stream at its next wake-up, for ``reason``; never blocks."""
@@ -277,6 +311,8 @@ class EventStreamBody:
         self._watcher.add(self)
         metrics.hooks.stream_opened(self.kind)
         self.source.start(backend)
+        if self.writer is not None:
+            self.source.write_through(self.writer)
         return self._sending(self._opening, now)
 
     def _sending(self, data: bytes | memoryview, now: float) -> bytes:

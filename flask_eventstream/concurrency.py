@@ -21,6 +21,7 @@ if t.TYPE_CHECKING:
     import collections.abc as cabc
 
     from .metrics import CloseReason
+    from .socket_writer import SocketWriter
 
 
 _R = t.TypeVar("_R")
@@ -286,6 +287,11 @@ class StreamSource(abc.ABC):
     def close(self) -> None:
         """Stop producing and release everything the source holds."""
 
+    def write_through(self, writer: SocketWriter) -> None:  # noqa: B027
+        """Let chunks that come while the response waits with nothing
+        queued go to the client through ``writer`` at once. By default a
+        source does not."""
+
 
 #: Set by a stream view's producer while the view's iterable runs. A source
 #: that the iterable reads from (a subscription) calls it when it is cut
@@ -317,15 +323,29 @@ class Mailbox(t.Generic[_T]):
         self._ready = backend.event()
         # Made on the first put that has to wait; subscribers never do.
         self._space: Waitable | None = None
+        #: Writes for the taker while it waits idle (see ``take``), if set.
+        self.writer: SocketWriter | None = None
+        self._taker_idle = False
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def offer(self, chunk: _T) -> bool:
-        """Queue ``chunk`` if there is room; never block."""
+    def offer(self, chunk: _T, data: bytes | None = None) -> bool:
+        """Queue ``chunk`` if there is room; never block.
+
+        :param data: the chunk's bytes, which :attr:`writer` writes at once
+            instead if the taker waits idle with nothing queued.
+        """
         with self._lock:
             if self.closed or len(self._items) >= self.maxsize:
                 return False
+            if self._taker_idle and data is not None:
+                assert self.writer is not None
+                if not self.writer.write_now(data):
+                    # The taker sends the rest before anything queued after.
+                    self._taker_idle = False
+                    self._ready.set()
+                return True
             self._items.append(chunk)
             self._ready.set()
             return True
@@ -346,13 +366,26 @@ class Mailbox(t.Generic[_T]):
                 space.clear()
             space.wait()
 
-    def take(self, timeout: float | None) -> list[_T]:
+    def take(self, timeout: float | None, idle: bool = False) -> list[_T]:
         """Return every queued item, waiting up to ``timeout`` for one.
 
         An empty list means the timeout passed or the mailbox is closed and
         drained.
+
+        :param idle: the taker writes nothing while it waits, so that
+            :attr:`writer`, if set, may write for it what comes meanwhile.
         """
-        if not self._ready.wait(timeout):
+        if idle and self.writer is not None:
+            with self._lock:
+                self._taker_idle = not self._items and not self.closed
+            try:
+                ready = self._ready.wait(timeout)
+            finally:
+                with self._lock:
+                    self._taker_idle = False
+        else:
+            ready = self._ready.wait(timeout)
+        if not ready:
             return []
         with self._lock:
             # A copy, so that the mailbox keeps one list for its lifetime:

@@ -20,6 +20,7 @@ from .concurrency import StreamSource
 from .event import encode_comment
 from .event import Event
 from .event import set_json_dumps_lookup
+from .socket_writer import writer_for
 from .startup import warn_about_worker
 
 if t.TYPE_CHECKING:
@@ -225,10 +226,15 @@ class _StreamResponse(Response):
     ) -> cabc.Iterable[bytes]:
         # The server takes the body now, and with it what the request owned.
         body = self.response
-        if isinstance(body, EventStreamBody) and has_request_context():
+        if not isinstance(body, EventStreamBody):
+            return super().__call__(environ, start_response)
+        if has_request_context():
             for source in g.pop(_UNSTREAMED, ()):
                 body.add_cleanup(source.close)
-        return super().__call__(environ, start_response)
+        app_iter = super().__call__(environ, start_response)
+        if app_iter is body:
+            body.writer = writer_for(start_response)
+        return app_iter
 
 
 def event_stream_response(

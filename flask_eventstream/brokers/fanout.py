@@ -17,6 +17,7 @@ if t.TYPE_CHECKING:
 
     from ..concurrency import Backend
     from ..event import Event
+    from ..socket_writer import SocketWriter
     from .base import Broker
     from .base import Message
 
@@ -102,7 +103,7 @@ class Subscription(StreamSource):
         assert self._mailbox is not None
         if self._skip is not None and message.order <= self._skip:
             return True
-        if self._mailbox.offer(message):
+        if self._mailbox.offer(message, message.data):
             return True
         if not self._mailbox.closed:
             # Waiting would let one slow client hold up every publisher; the
@@ -119,7 +120,7 @@ class Subscription(StreamSource):
 
     def _live(self, timeout: float | None) -> list[Message]:
         assert self._mailbox is not None
-        messages = self._mailbox.take(timeout)
+        messages = self._mailbox.take(timeout, idle=True)
         if self._skip is not None and messages:
             skip = self._skip
             messages = [m for m in messages if m.order > skip]
@@ -145,6 +146,10 @@ class Subscription(StreamSource):
     @property
     def drained(self) -> bool:
         return not self._backlog and (self._mailbox is None or self._mailbox.drained)
+
+    def write_through(self, writer: SocketWriter) -> None:
+        if self._mailbox is not None:
+            self._mailbox.writer = writer
 
     def interrupt(self) -> None:
         if self._mailbox is not None:

@@ -35,6 +35,24 @@ released: set[str] = set()
 FAILURE_MESSAGE = "The view failed with a detail the client must not see"
 #: Descriptors the app holds open, as a busy server's connections would.
 held_fds: list[int] = []
+#: Body bytes that the middleware of ``WRAP_BODY`` passed on, by path.
+wrapped: dict[str, int] = {}
+
+
+def _counting_middleware(wsgi_app: t.Any) -> t.Any:
+    # Wraps the body, as a middleware that logs or compresses would, and
+    # passes gunicorn's own start_response on unchanged.
+    def middleware(environ: t.Any, start_response: t.Any) -> t.Iterator[bytes]:
+        body = wsgi_app(environ, start_response)
+        try:
+            path = environ["PATH_INFO"]
+            for chunk in body:
+                wrapped[path] = wrapped.get(path, 0) + len(chunk)
+                yield chunk
+        finally:
+            getattr(body, "close", lambda: None)()
+
+    return middleware
 
 
 def _tracked(body: t.Iterator[t.Any]) -> t.Iterator[t.Any]:
@@ -76,6 +94,8 @@ def create_app() -> Flask:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
         while not held_fds or held_fds[-1] < int(os.environ["HOLD_FDS"]):
             held_fds.append(os.open(os.devnull, os.O_RDONLY))
+    if "WRAP_BODY" in os.environ:
+        app.wsgi_app = _counting_middleware(app.wsgi_app)  # type: ignore[method-assign]
     if "LOG_LEVEL" in os.environ:
         # The library's own log lines reach the server's output.
         handler = logging.StreamHandler()
@@ -178,6 +198,7 @@ def create_app() -> Flask:
             "streams": app.extensions["eventstream"].streams,
             "fds": len(os.listdir("/proc/self/fd")),
             "rss_kib": _rss_kib(),
+            "wrapped_bytes": wrapped,
         }
 
     def failing(tag: str) -> t.Iterator[Event]:
@@ -250,6 +271,17 @@ def create_app() -> Flask:
     def release() -> dict[str, str]:
         released.add(request.form["key"])
         return {}
+
+    @app.post("/burst")
+    def burst() -> dict[str, int]:
+        # Events published back to back, faster than any client reads them:
+        # "<n> " and then ``size`` bytes of padding each, ids 0, 1, ...
+        sse = t.cast(EventStream, app.blueprints["eventstream"])
+        channel, count = request.form["channel"], int(request.form["count"])
+        padding = "x" * int(request.form.get("size", 0))
+        for n in range(count):
+            sse.publish(f"{n} {padding}", channel=channel, id=str(n))
+        return {"published": count}
 
     @app.post("/try-publish")
     def try_publish() -> tuple[dict[str, str], int]:

@@ -1,0 +1,133 @@
+"""A stream that writes its own socket, under gunicorn's gevent worker.
+
+Through WSGI, each event costs a switch into the stream's greenlet, to take
+it from its queue, and a pass through gunicorn's write path. Most streams
+wait with nothing queued when an event comes, so the fan-out writes the
+event to their sockets itself, with a write that never waits; only what a
+socket does not take (a slow client, a full buffer) is left to the stream,
+which writes it first, waiting as usual, under its send timeout. The stream
+writes everything else itself too, framed as gunicorn frames a chunk:
+gunicorn sends the head, the opening comment and the last chunk.
+
+This is done only where the library knows the socket and the framing:
+gunicorn's own ``gevent`` worker, HTTP/1.x over plain TCP, with gunicorn
+itself iterating the body (no WSGI middleware in between).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+import time
+import typing as t
+
+from .concurrency import current_backend
+from .watcher import SEND_SLICE_BYTES
+
+if t.TYPE_CHECKING:
+    import collections.abc as cabc
+    import socket
+    import types
+
+    from _typeshed.wsgi import StartResponse
+
+_CRLF = b"\r\n"
+
+
+class SocketWriter:
+    """Writes the body of one response to its socket, chunked for HTTP/1.1.
+
+    :param sock: the response's socket, whose descriptor is non-blocking.
+    :param chunked: whether the server frames the body in chunks.
+    """
+
+    __slots__ = ("_chunked", "_fd", "_socket", "rest", "wrote_at")
+
+    def __init__(self, sock: socket.socket, chunked: bool) -> None:
+        self._socket = sock
+        self._fd = sock.fileno()
+        self._chunked = chunked
+        #: What :meth:`write_now` could not send; it goes before anything else.
+        self.rest = b""
+        #: When :meth:`write_now` last sent something, for keep-alives.
+        self.wrote_at = 0.0
+
+    def _framed(self, data: bytes) -> list[bytes]:
+        if not self._chunked:
+            return [data]
+        return [b"%x\r\n" % len(data), data, _CRLF]
+
+    def write_now(self, data: bytes) -> bool:
+        """Write ``data`` without waiting; False if the socket did not take
+        all of it, whose rest is then kept in :attr:`rest`.
+
+        Any thread may call it. The caller makes sure that nothing else
+        writes to the socket meanwhile, and that :attr:`rest` is empty.
+        """
+        if not data:
+            # An empty chunk would end the response.
+            return True
+        parts = self._framed(data)
+        try:
+            sent = os.writev(self._fd, parts)
+        except OSError:
+            # A full buffer, or a client that left: the stream's own write
+            # waits for the one and meets the other again.
+            sent = 0
+        if sent == sum(map(len, parts)):
+            self.wrote_at = time.monotonic()
+            return True
+        self.rest = b"".join(parts)[sent:]
+        return False
+
+    def write(self, data: bytes, progress: cabc.Callable[[], None]) -> None:
+        """Write :attr:`rest`, then ``data``, waiting for the socket to take
+        them; ``progress`` is called before each slice.
+
+        :raises OSError: if the client left, or the stream was cut.
+        """
+        out = b"".join([self.rest, *self._framed(data)]) if data else self.rest
+        self.rest = b""
+        if len(out) <= SEND_SLICE_BYTES:
+            progress()
+            self._socket.sendall(out)
+            return
+        # In slices, each of which the send timeout counts as progress.
+        view = memoryview(out)
+        for start in range(0, len(out), SEND_SLICE_BYTES):
+            progress()
+            self._socket.sendall(view[start : start + SEND_SLICE_BYTES])
+
+
+def writer_for(start_response: StartResponse) -> SocketWriter | None:
+    """A writer for the response of ``start_response``, once it was called,
+    if the library may write its socket itself; else None."""
+    wsgi = sys.modules.get("gunicorn.http.wsgi")
+    response: t.Any = getattr(start_response, "__self__", None)
+    if wsgi is None or type(response) is not wsgi.Response:
+        return None
+    gevent_socket = sys.modules.get("gevent.socket")
+    sock = response.sock
+    if (
+        current_backend().name != "gevent"
+        or gevent_socket is None
+        or type(sock) is not gevent_socket.socket  # TLS wraps it
+        or getattr(response.cfg, "protocol", "http") != "http"
+        or response.response_length is not None
+    ):
+        return None
+    try:
+        if not fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK:
+            return None
+    except OSError:
+        return None
+    return SocketWriter(sock, response.chunked)
+
+
+def iterated_by_server(caller: types.FrameType | None) -> bool:
+    """Whether ``caller``, the frame that asked a body for its next chunk,
+    is gunicorn's request loop, and not a WSGI middleware that would miss
+    what the library writes itself."""
+    name = caller.f_globals.get("__name__") if caller is not None else None
+    return name == "gunicorn.workers.base_async"
