@@ -120,6 +120,14 @@ class GeventBackend(ThreadBackend):
     def event(self) -> Waitable:
         return _Signal(self, self._gevent.get_hub())
 
+    def call_soon(self, fn: cabc.Callable[[], None]) -> None:
+        """Call ``fn`` in the hub's thread once its loop next runs, that is
+        once the running greenlet waits; from any thread."""
+        if self.thread_ident() == self._hub.thread_ident:
+            self._hub.loop.run_callback(fn)
+        else:
+            self._hub.loop.run_callback_threadsafe(fn)
+
     def spawn(self, fn: cabc.Callable[[], None], name: str) -> Stop:
         greenlet = self._gevent.spawn(fn)
         greenlet.name = name
@@ -333,22 +341,29 @@ class Mailbox(t.Generic[_T]):
     def offer(self, chunk: _T, data: bytes | None = None) -> bool:
         """Queue ``chunk`` if there is room; never block.
 
-        :param data: the chunk's bytes, which :attr:`writer` writes at once
-            instead if the taker waits idle with nothing queued.
+        :param data: the chunk's bytes, which :attr:`writer` writes for the
+            taker instead if it waits idle (see :meth:`take`).
         """
         with self._lock:
             if self.closed or len(self._items) >= self.maxsize:
                 return False
             if self._taker_idle and data is not None:
                 assert self.writer is not None
-                if not self.writer.write_now(data):
-                    # The taker sends the rest before anything queued after.
-                    self._taker_idle = False
-                    self._ready.set()
+                self.writer.hold(data, self._write_held)
                 return True
             self._items.append(chunk)
             self._ready.set()
             return True
+
+    def _write_held(self) -> None:
+        # Called once the publisher lets the loop run, for what it held.
+        with self._lock:
+            assert self.writer is not None
+            # A taker that woke meanwhile took what was held as its rest.
+            if self._taker_idle and not self.writer.write_held():
+                # The taker sends the rest before anything queued after.
+                self._taker_idle = False
+                self._ready.set()
 
     def put(self, chunk: _T) -> bool:
         """Queue ``chunk``, waiting for room; return False once closed."""
@@ -373,7 +388,9 @@ class Mailbox(t.Generic[_T]):
         drained.
 
         :param idle: the taker writes nothing while it waits, so that
-            :attr:`writer`, if set, may write for it what comes meanwhile.
+            :attr:`writer`, if set, may write for it what comes meanwhile;
+            what it has not written yet when the taker wakes becomes the
+            writer's ``rest``, for the taker to send first.
         """
         if idle and self.writer is not None:
             with self._lock:
@@ -383,6 +400,7 @@ class Mailbox(t.Generic[_T]):
             finally:
                 with self._lock:
                     self._taker_idle = False
+                    self.writer.take_held()
         else:
             ready = self._ready.wait(timeout)
         if not ready:

@@ -18,10 +18,14 @@ import typing as t
 import pytest
 import requests
 
+if t.TYPE_CHECKING:
+    from flask_eventstream.concurrency import GeventBackend
+
 from flask_eventstream.concurrency import Mailbox
 from flask_eventstream.concurrency import THREADS
 from flask_eventstream.event import Event
 from flask_eventstream.parser import EventParser
+from flask_eventstream.socket_writer import Flusher
 from flask_eventstream.socket_writer import SocketWriter
 from tests.servers import EventClient
 from tests.servers import open_stream
@@ -304,32 +308,82 @@ def _pair() -> tuple[socket.socket, socket.socket]:
     return ours, theirs
 
 
+class Loop:
+    """The hub's loop as the flusher sees it: callbacks run when the test
+    says, as they would once the publishing greenlet waits."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[t.Callable[[], None]] = []
+
+    def call_soon(self, fn: t.Callable[[], None]) -> None:
+        self.callbacks.append(fn)
+
+    def run(self) -> int:
+        callbacks, self.callbacks = self.callbacks, []
+        for fn in callbacks:
+            fn()
+        return len(callbacks)
+
+
+class IdleTaker:
+    """A stream's side of a mailbox with a writer, waiting idle in a thread."""
+
+    def __init__(self, sock: socket.socket, timeout: float = 5) -> None:
+        self.loop = Loop()
+        flusher = Flusher(t.cast("GeventBackend", self.loop))
+        self.writer = SocketWriter(sock, chunked=True, flusher=flusher)
+        self.mailbox: Mailbox[bytes] = Mailbox(THREADS, 100)
+        self.mailbox.writer = self.writer
+        self.taken: list[bytes] = []
+        self._thread = threading.Thread(target=self._take, args=(timeout,))
+        self._thread.start()
+        wait_for(lambda: self.mailbox._taker_idle, 5, "the taker waits")
+
+    def _take(self, timeout: float) -> None:
+        self.taken = self.mailbox.take(timeout, idle=True)
+
+    def offer(self, data: bytes) -> None:
+        assert self.mailbox.offer(data, data)
+
+    def join(self) -> list[bytes]:
+        self._thread.join(10)
+        return self.taken + self.mailbox.take(0)
+
+
+def _recv_now(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(65536, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return b""
+
+
+def test_events_for_an_idle_stream_go_out_in_one_chunk_when_the_loop_runs() -> None:
+    ours, theirs = _pair()
+    taker = IdleTaker(ours)
+    for data in (b"one\n\n", b"two\n\n", b"three\n\n"):
+        taker.offer(data)
+    # Held, not queued: the taker is not woken, nothing is written yet.
+    assert len(taker.mailbox) == 0 and _recv_now(theirs) == b""
+    assert taker.loop.run() == 1
+    assert _recv_now(theirs) == b"11\r\none\n\ntwo\n\nthree\n\n\r\n"
+    taker.mailbox.close()
+    assert taker.join() == []
+    ours.close()
+    theirs.close()
+
+
 def test_what_the_socket_does_not_take_goes_before_what_is_queued() -> None:
     ours, theirs = _pair()
-    writer = SocketWriter(ours, chunked=True)
-    mailbox: Mailbox[bytes] = Mailbox(THREADS, 100)
-    mailbox.writer = writer
-    taken: list[list[bytes]] = []
-    parked = threading.Event()
-
-    def take() -> None:
-        parked.set()
-        taken.append(mailbox.take(5, idle=True))
-
-    taker = threading.Thread(target=take)
-    taker.start()
-    parked.wait(5)
-    wait_for(lambda: mailbox._taker_idle, 5, "the taker waits")
-    # Taken whole, at once: nothing is queued and the taker is not woken.
-    assert mailbox.offer(b"small", b"small")
-    assert len(mailbox) == 0 and writer.rest == b""
+    taker = IdleTaker(ours)
+    taker.offer(b"small")
     big = b"B" * 200_000
-    assert mailbox.offer(big, big)
-    assert writer.rest, "a socket buffer of a few KiB took 200 kB"
+    taker.offer(big)
+    taker.loop.run()
+    assert taker.writer.rest, "a socket buffer of a few KiB took 200 kB"
     # The taker is woken for the rest; later chunks are queued behind it.
-    assert mailbox.offer(b"later", b"later")
-    taker.join(5)
-    assert taken[0] + mailbox.take(0) == [b"later"]
+    taker.offer(b"later")
+    assert taker.loop.run() == 0
+    assert taker.join() == [b"later"]
     received = bytearray()
 
     def drain() -> None:
@@ -338,20 +392,36 @@ def test_what_the_socket_does_not_take_goes_before_what_is_queued() -> None:
 
     reader = threading.Thread(target=drain)
     reader.start()
-    writer.write(b"later", lambda: None)
+    taker.writer.write(b"later", lambda: None)
     reader.join(10)
     assert dechunk(bytes(received)) == b"small" + big + b"later"
     ours.close()
     theirs.close()
 
 
+def test_held_events_become_the_rest_if_the_stream_wakes_first() -> None:
+    ours, theirs = _pair()
+    taker = IdleTaker(ours, timeout=0.5)
+    taker.offer(b"held")
+    # The keep-alive timer wakes the stream before the loop ran the flush.
+    assert taker.join() == []
+    assert taker.writer.rest == b"4\r\nheld\r\n"
+    taker.loop.run()
+    assert _recv_now(theirs) == b""
+    ours.close()
+    theirs.close()
+
+
 def test_empty_chunk_is_never_written() -> None:
     ours, theirs = _pair()
-    writer = SocketWriter(ours, chunked=True)
-    assert writer.write_now(b"")
-    assert writer.write_now(Event().encode())
-    assert writer.write_now(b"x")
-    theirs.settimeout(5)
-    assert theirs.recv(100) == b"1\r\nx\r\n"
+    taker = IdleTaker(ours)
+    taker.offer(b"")
+    taker.offer(Event().encode())
+    assert taker.loop.run() == 0
+    taker.offer(b"x")
+    taker.loop.run()
+    assert _recv_now(theirs) == b"1\r\nx\r\n"
+    taker.mailbox.close()
+    taker.join()
     ours.close()
     theirs.close()
