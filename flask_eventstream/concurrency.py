@@ -349,6 +349,10 @@ class Mailbox(t.Generic[_T]):
                 return False
             if self._taker_idle and data is not None:
                 assert self.writer is not None
+                # Held events count against the size: a burst to a client
+                # that reads nothing must not pile up in memory.
+                if self.writer.held >= self.maxsize:
+                    return False
                 self.writer.hold(data, self._write_held)
                 return True
             self._items.append(chunk)

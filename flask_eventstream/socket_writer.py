@@ -68,6 +68,11 @@ class SocketWriter:
             return [data]
         return [b"%x\r\n" % len(data), data, _CRLF]
 
+    @property
+    def held(self) -> int:
+        """How many events wait for the next flush."""
+        return len(self._held)
+
     def hold(self, data: bytes, write_held: cabc.Callable[[], None]) -> None:
         """Keep ``data`` until the flusher calls ``write_held``, which calls
         :meth:`write_held` if nothing else writes to the socket by then."""

@@ -328,11 +328,13 @@ class Loop:
 class IdleTaker:
     """A stream's side of a mailbox with a writer, waiting idle in a thread."""
 
-    def __init__(self, sock: socket.socket, timeout: float = 5) -> None:
+    def __init__(
+        self, sock: socket.socket, timeout: float = 5, size: int = 100
+    ) -> None:
         self.loop = Loop()
         flusher = Flusher(t.cast("GeventBackend", self.loop))
         self.writer = SocketWriter(sock, chunked=True, flusher=flusher)
-        self.mailbox: Mailbox[bytes] = Mailbox(THREADS, 100)
+        self.mailbox: Mailbox[bytes] = Mailbox(THREADS, size)
         self.mailbox.writer = self.writer
         self.taken: list[bytes] = []
         self._thread = threading.Thread(target=self._take, args=(timeout,))
@@ -342,8 +344,8 @@ class IdleTaker:
     def _take(self, timeout: float) -> None:
         self.taken = self.mailbox.take(timeout, idle=True)
 
-    def offer(self, data: bytes) -> None:
-        assert self.mailbox.offer(data, data)
+    def offer(self, data: bytes) -> bool:
+        return self.mailbox.offer(data, data)
 
     def join(self) -> list[bytes]:
         self._thread.join(10)
@@ -361,7 +363,7 @@ def test_events_for_an_idle_stream_go_out_in_one_chunk_when_the_loop_runs() -> N
     ours, theirs = _pair()
     taker = IdleTaker(ours)
     for data in (b"one\n\n", b"two\n\n", b"three\n\n"):
-        taker.offer(data)
+        assert taker.offer(data)
     # Held, not queued: the taker is not woken, nothing is written yet.
     assert len(taker.mailbox) == 0 and _recv_now(theirs) == b""
     assert taker.loop.run() == 1
@@ -375,13 +377,13 @@ def test_events_for_an_idle_stream_go_out_in_one_chunk_when_the_loop_runs() -> N
 def test_what_the_socket_does_not_take_goes_before_what_is_queued() -> None:
     ours, theirs = _pair()
     taker = IdleTaker(ours)
-    taker.offer(b"small")
+    assert taker.offer(b"small")
     big = b"B" * 200_000
-    taker.offer(big)
+    assert taker.offer(big)
     taker.loop.run()
     assert taker.writer.rest, "a socket buffer of a few KiB took 200 kB"
     # The taker is woken for the rest; later chunks are queued behind it.
-    taker.offer(b"later")
+    assert taker.offer(b"later")
     assert taker.loop.run() == 0
     assert taker.join() == [b"later"]
     received = bytearray()
@@ -402,7 +404,7 @@ def test_what_the_socket_does_not_take_goes_before_what_is_queued() -> None:
 def test_held_events_become_the_rest_if_the_stream_wakes_first() -> None:
     ours, theirs = _pair()
     taker = IdleTaker(ours, timeout=0.5)
-    taker.offer(b"held")
+    assert taker.offer(b"held")
     # The keep-alive timer wakes the stream before the loop ran the flush.
     assert taker.join() == []
     assert taker.writer.rest == b"4\r\nheld\r\n"
@@ -412,13 +414,26 @@ def test_held_events_become_the_rest_if_the_stream_wakes_first() -> None:
     theirs.close()
 
 
+def test_held_events_count_against_the_queue_size() -> None:
+    # A burst published in one go, before the loop turns, to a stream that
+    # may fall 3 events behind.
+    ours, theirs = _pair()
+    taker = IdleTaker(ours, size=3)
+    assert [taker.offer(b"%d" % n) for n in range(5)] == [True] * 3 + [False] * 2
+    taker.mailbox.close()
+    taker.join()
+    assert taker.writer.rest == b"3\r\n012\r\n"
+    ours.close()
+    theirs.close()
+
+
 def test_empty_chunk_is_never_written() -> None:
     ours, theirs = _pair()
     taker = IdleTaker(ours)
-    taker.offer(b"")
-    taker.offer(Event().encode())
+    assert taker.offer(b"")
+    assert taker.offer(Event().encode())
     assert taker.loop.run() == 0
-    taker.offer(b"x")
+    assert taker.offer(b"x")
     taker.loop.run()
     assert _recv_now(theirs) == b"1\r\nx\r\n"
     taker.mailbox.close()
