@@ -341,8 +341,9 @@ class Mailbox(t.Generic[_T]):
     def offer(self, chunk: _T, data: bytes | None = None) -> bool:
         """Queue ``chunk`` if there is room; never block.
 
-        :param data: the chunk's bytes, which :attr:`writer` writes for the
-            taker instead if it waits idle (see :meth:`take`).
+        :param data: the chunk's bytes, which :attr:`writer` writes (or
+            holds for the end of the loop's turn) for the taker instead if
+            it waits idle (see :meth:`take`).
         """
         with self._lock:
             if self.closed or len(self._items) >= self.maxsize:
@@ -353,18 +354,26 @@ class Mailbox(t.Generic[_T]):
                 # that reads nothing must not pile up in memory.
                 if self.writer.held >= self.maxsize:
                     return False
-                self.writer.hold(data, self._write_held)
+                if not self.writer.write_or_hold(data):
+                    # The taker sends the rest before anything queued after.
+                    self._taker_idle = False
+                    self._ready.set()
                 return True
             self._items.append(chunk)
             self._ready.set()
             return True
 
-    def _write_held(self) -> None:
+    def write_through(self, writer: SocketWriter) -> None:
+        """Let ``writer`` write for the taker while it waits idle."""
+        writer.on_flush = self._write_held
+        self.writer = writer
+
+    def _write_held(self, now: float) -> None:
         # Called once the publisher lets the loop run, for what it held.
         with self._lock:
             assert self.writer is not None
             # A taker that woke meanwhile took what was held as its rest.
-            if self._taker_idle and not self.writer.write_held():
+            if self._taker_idle and not self.writer.write_held(now):
                 # The taker sends the rest before anything queued after.
                 self._taker_idle = False
                 self._ready.set()

@@ -46,18 +46,34 @@ class SocketWriter:
 
     :param sock: the response's socket, whose descriptor is non-blocking.
     :param chunked: whether the server frames the body in chunks.
-    :param flusher: what writes held bytes once the publisher lets it.
+    :param flusher: what calls the owner back to write held bytes.
     """
 
-    __slots__ = ("_chunked", "_fd", "_flusher", "_held", "_socket", "rest", "wrote_at")
+    __slots__ = (
+        "_chunked",
+        "_fd",
+        "_held",
+        "_socket",
+        "_turn",
+        "flusher",
+        "on_flush",
+        "rest",
+        "wrote_at",
+    )
 
     def __init__(self, sock: socket.socket, chunked: bool, flusher: Flusher) -> None:
         self._socket = sock
         self._fd = sock.fileno()
         self._chunked = chunked
-        self._flusher = flusher
+        #: Calls the owner back to write what is held, once the loop runs.
+        self.flusher = flusher
+        #: What the flusher calls: the owner's :meth:`write_held` under its
+        #: lock, or this writer's own.
+        self.on_flush: cabc.Callable[[float], object] = self.write_held
         # Events published for the stream since the last flush.
         self._held: list[bytes] = []
+        # The flusher's turn of the stream's last write at once.
+        self._turn = -1
         #: What the socket did not take at once; it goes before anything else.
         self.rest = b""
         #: When held bytes were last written, for keep-alives.
@@ -73,37 +89,49 @@ class SocketWriter:
         """How many events wait for the next flush."""
         return len(self._held)
 
-    def hold(self, data: bytes, write_held: cabc.Callable[[], None]) -> None:
-        """Keep ``data`` until the flusher calls ``write_held``, which calls
-        :meth:`write_held` if nothing else writes to the socket by then."""
+    def write_or_hold(self, data: bytes) -> bool:
+        """Write ``data`` at once if it is the stream's first this turn of
+        the loop, else hold it for the flush at the end of the turn, which
+        calls :attr:`on_flush`; False if the socket did not take all of it,
+        whose rest is then :attr:`rest`.
+
+        A lone event goes out at once; a burst costs one more write per
+        stream, however many events it has. Any thread may call it; the
+        caller makes sure that nothing else writes to the socket meanwhile.
+        """
         if not data:
             # An empty chunk would end the response.
-            return
-        if not self._held:
-            self._flusher.add(write_held)
-        self._held.append(data)
-
-    def write_held(self) -> bool:
-        """Write what is held, in one write that never waits; False if the
-        socket did not take all of it, whose rest is then :attr:`rest`.
-
-        Any thread may call it; the caller makes sure that nothing else
-        writes to the socket meanwhile.
-        """
-        if not self._held:
             return True
+        flusher = self.flusher
+        if self._held or self._turn == flusher.turn:
+            self._held.append(data)
+            if len(self._held) == 1:
+                flusher.add(self.on_flush)
+            return True
+        self._turn = flusher.wrote()
+        return self._write_now(data, flusher.now)
+
+    def write_held(self, now: float) -> bool:
+        """Write what is held in one write that never waits; False if the
+        socket did not take all of it, whose rest is then :attr:`rest`."""
         held = self._held
+        if not held:
+            return True
         # However many events, one chunk: the client's parser sees a stream.
-        parts = self._framed(held[0] if len(held) == 1 else b"".join(held))
+        body = held[0] if len(held) == 1 else b"".join(held)
         held.clear()
+        return self._write_now(body, now)
+
+    def _write_now(self, body: bytes, now: float) -> bool:
+        parts = (b"%x\r\n" % len(body), body, _CRLF) if self._chunked else (body,)
         try:
             sent = os.writev(self._fd, parts)
         except OSError:
             # A full buffer, or a client that left: the stream's own write
             # waits for the one and meets the other again.
             sent = 0
-        if sent == sum(map(len, parts)):
-            self.wrote_at = time.monotonic()
+        if sent == len(body) + (len(parts[0]) + 2 if self._chunked else 0):
+            self.wrote_at = now
             return True
         self.rest = b"".join(parts)[sent:]
         return False
@@ -135,9 +163,10 @@ class SocketWriter:
 
 
 class Flusher:
-    """Writes the events held for idle streams once the publisher lets the
-    loop run: one write per stream, however many events were published
-    meanwhile, so a burst costs a system call per stream, not per event.
+    """Counts the turns of the loop in which streams were written to, and at
+    the end of each writes what was held for idle streams meanwhile: one
+    write per stream, so a burst costs a system call per stream, not per
+    event.
 
     One per process, in the hub's thread; a publisher in another thread
     hands the work over to it.
@@ -146,21 +175,43 @@ class Flusher:
     def __init__(self, backend: GeventBackend) -> None:
         self._backend = backend
         self._lock = os_lock()
-        self._due: list[cabc.Callable[[], None]] = []
+        self._due: list[cabc.Callable[[float], object]] = []
+        self._scheduled = False
+        #: Counts the flushes, so that a stream knows if it was written to
+        #: in this turn of the loop.
+        self.turn = 0
+        #: The time, read once a turn: reading the clock can cost a system
+        #: call, and a keep-alive needs no finer time.
+        self.now = time.monotonic()
 
-    def add(self, write_held: cabc.Callable[[], None]) -> None:
-        """Call ``write_held`` with the others at the next flush."""
+    def add(self, write_held: cabc.Callable[[float], object]) -> None:
+        """Call ``write_held`` with the others at the end of this turn, with
+        the time of the flush."""
         with self._lock:
             self._due.append(write_held)
-            first = len(self._due) == 1
-        if first:
+            self._schedule()
+
+    def wrote(self) -> int:
+        """Note a write in this turn; return the turn."""
+        if not self._scheduled:
+            with self._lock:
+                self._schedule()
+        return self.turn
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self.now = time.monotonic()
             self._backend.call_soon(self._flush)
 
     def _flush(self) -> None:
         with self._lock:
             due, self._due = self._due, []
+            self._scheduled = False
+            self.turn += 1
+            now = self.now = time.monotonic()
         for write_held in due:
-            write_held()
+            write_held(now)
 
 
 _flushers: dict[int, Flusher] = {}

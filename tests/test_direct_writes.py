@@ -335,7 +335,7 @@ class IdleTaker:
         flusher = Flusher(t.cast("GeventBackend", self.loop))
         self.writer = SocketWriter(sock, chunked=True, flusher=flusher)
         self.mailbox: Mailbox[bytes] = Mailbox(THREADS, size)
-        self.mailbox.writer = self.writer
+        self.mailbox.write_through(self.writer)
         self.taken: list[bytes] = []
         self._thread = threading.Thread(target=self._take, args=(timeout,))
         self._thread.start()
@@ -359,15 +359,21 @@ def _recv_now(sock: socket.socket) -> bytes:
         return b""
 
 
-def test_events_for_an_idle_stream_go_out_in_one_chunk_when_the_loop_runs() -> None:
+def test_lone_event_goes_out_at_once_and_a_burst_in_one_chunk_at_the_turn() -> None:
     ours, theirs = _pair()
     taker = IdleTaker(ours)
-    for data in (b"one\n\n", b"two\n\n", b"three\n\n"):
-        assert taker.offer(data)
-    # Held, not queued: the taker is not woken, nothing is written yet.
+    assert taker.offer(b"one\n\n")
+    # The first event of this turn of the loop is written at once.
+    assert _recv_now(theirs) == b"5\r\none\n\n\r\n"
+    assert taker.offer(b"two\n\n")
+    assert taker.offer(b"three\n\n")
+    # The rest of the burst is held, not queued: the taker is not woken.
     assert len(taker.mailbox) == 0 and _recv_now(theirs) == b""
     assert taker.loop.run() == 1
-    assert _recv_now(theirs) == b"11\r\none\n\ntwo\n\nthree\n\n\r\n"
+    assert _recv_now(theirs) == b"c\r\ntwo\n\nthree\n\n\r\n"
+    # A new turn: the next lone event goes out at once again.
+    assert taker.offer(b"four\n\n")
+    assert _recv_now(theirs) == b"6\r\nfour\n\n\r\n"
     taker.mailbox.close()
     assert taker.join() == []
     ours.close()
@@ -404,25 +410,26 @@ def test_what_the_socket_does_not_take_goes_before_what_is_queued() -> None:
 def test_held_events_become_the_rest_if_the_stream_wakes_first() -> None:
     ours, theirs = _pair()
     taker = IdleTaker(ours, timeout=0.5)
+    assert taker.offer(b"first")
     assert taker.offer(b"held")
     # The keep-alive timer wakes the stream before the loop ran the flush.
     assert taker.join() == []
     assert taker.writer.rest == b"4\r\nheld\r\n"
     taker.loop.run()
-    assert _recv_now(theirs) == b""
+    assert _recv_now(theirs) == b"5\r\nfirst\r\n"
     ours.close()
     theirs.close()
 
 
 def test_held_events_count_against_the_queue_size() -> None:
-    # A burst published in one go, before the loop turns, to a stream that
-    # may fall 3 events behind.
+    # A burst published in one turn of the loop to a stream that may fall
+    # 3 events behind: the first goes out at once, 3 are held.
     ours, theirs = _pair()
     taker = IdleTaker(ours, size=3)
-    assert [taker.offer(b"%d" % n) for n in range(5)] == [True] * 3 + [False] * 2
+    assert [taker.offer(b"%d" % n) for n in range(6)] == [True] * 4 + [False] * 2
     taker.mailbox.close()
     taker.join()
-    assert taker.writer.rest == b"3\r\n012\r\n"
+    assert taker.writer.rest == b"3\r\n123\r\n"
     ours.close()
     theirs.close()
 

@@ -149,7 +149,7 @@ class Subscription(StreamSource):
 
     def write_through(self, writer: SocketWriter) -> None:
         if self._mailbox is not None:
-            self._mailbox.writer = writer
+            self._mailbox.write_through(writer)
 
     def interrupt(self) -> None:
         if self._mailbox is not None:
