@@ -2,6 +2,8 @@
 
 python -m benchmarks run --quick
 python -m benchmarks run --servers eventstream,raw-gevent --repeat 3
+python -m benchmarks run --servers eventstream,raw-gevent --compare 8473990
+python -m benchmarks run --quick --scenarios fanout,capacity
 python -m benchmarks plot results/2026-01-01.json
 """
 
@@ -20,7 +22,22 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--quick", action="store_true", help="small sizes, one run of each"
     )
-    run.add_argument("--servers", help="comma-separated names (default: all)")
+    run.add_argument(
+        "--servers",
+        help="comma-separated names (default: all); eventstream@REV serves the"
+        " library of revision REV",
+    )
+    run.add_argument(
+        "--compare",
+        metavar="REV",
+        help="also run eventstream@REV, next to eventstream: this checkout's app"
+        " on the library of revision REV",
+    )
+    run.add_argument(
+        "--scenarios",
+        help="comma-separated: idle, fanout, capacity, publish, throughput"
+        " (default: all)",
+    )
     run.add_argument(
         "--repeat", type=int, help="runs of each scenario (default: 3, quick: 1)"
     )

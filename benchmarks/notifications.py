@@ -30,58 +30,37 @@ import collections
 import contextlib
 import dataclasses
 import datetime
-import hashlib
-import io
 import json
 import os
 import pathlib
 import random
 import resource
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import typing as t
-import urllib.request
 
 import redis
 
 from benchmarks import client
 from benchmarks import run
 from benchmarks import servers
+from benchmarks.revisions import checkout
+from benchmarks.revisions import Library
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
 
-ROOT = servers.ROOT
 MODULE = "benchmarks.notifications"
-APP = "benchmarks.app:create_app()"
 PREFIX = "notifications"
-TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 CONNECT_TIMEOUT_SECONDS = 300.0
 #: How long the client waits, after the publisher is done, for what is late.
 DRAIN_SECONDS = 30.0
 #: How long it listens on once all arrived, for duplicates.
 GRACE_SECONDS = 1.0
-# Which copy of the library a worker imported, written once it has loaded
-# the app: the file of the Redis broker's module, as the worker found it.
-WORKER_HOOK = """\
-import json
-import os
-import sys
-
-
-def post_worker_init(worker):
-    module = sys.modules.get("flask_eventstream.brokers.redis")
-    found = None if module is None else os.path.realpath(module.__file__)
-    with open({path!r}, "a") as out:
-        out.write(json.dumps({{"pid": os.getpid(), "file": found}}) + "\\n")
-"""
-
 Record = dict[str, t.Any]
 #: What ends one run, which is then recorded as failed, and the next begins.
 FAILURES = (
@@ -93,65 +72,6 @@ FAILURES = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class Library:
-    """A copy of the library: ``path`` holds its ``flask_eventstream``."""
-
-    name: str
-    revision: str
-    path: pathlib.Path
-
-    @property
-    def package(self) -> pathlib.Path:
-        return (self.path / "flask_eventstream").resolve()
-
-    def environ(self) -> dict[str, str]:
-        """The environment of a process that must import this copy."""
-        # The apps read FLASK_* settings; only the launcher's own may reach them.
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("FLASK_")}
-        environ["PYTHONUNBUFFERED"] = "1"
-        environ["PYTHONPATH"] = os.pathsep.join([str(self.path), str(ROOT)])
-        return environ
-
-    def describe(self) -> Record:
-        digest = hashlib.sha256()
-        for file in sorted(self.package.rglob("*.py")):
-            digest.update(file.relative_to(self.package).as_posix().encode())
-            digest.update(file.read_bytes())
-        return {
-            "revision": self.revision,
-            "path": str(self.path),
-            "sha256": digest.hexdigest(),
-        }
-
-
-def git(*args: str) -> bytes:
-    return subprocess.run(
-        ["git", *args], cwd=ROOT, capture_output=True, check=True
-    ).stdout
-
-
-def checkout(name: str, revision: str, directory: pathlib.Path) -> Library:
-    """A copy of the library at ``revision`` in ``directory``; with no
-    revision, of this working tree's, so that edits made while it runs do
-    not reach it."""
-    target = directory / name
-    if not revision:
-        head = git("rev-parse", "--short", "HEAD").decode().strip()
-        if git("status", "--porcelain", "--", "flask_eventstream").strip():
-            head += " and the working tree's changes"
-        shutil.copytree(
-            ROOT / "flask_eventstream",
-            target / "flask_eventstream",
-            ignore=shutil.ignore_patterns("__pycache__"),
-        )
-        return Library(name, head, target)
-    archive = git("archive", "--format=tar", revision, "flask_eventstream")
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(target, filter="data")
-    return Library(name, git("rev-parse", "--short", revision).decode().strip(), target)
-
-
 @contextlib.contextmanager
 def serve(
     library: Library, workers: int, max_streams: int, directory: pathlib.Path
@@ -160,77 +80,24 @@ def serve(
     ``workers`` gevent workers, and a fresh redis-server; the server as
     :func:`benchmarks.servers.start` gives it, and the file of the broker
     that each worker (by pid) imported."""
-    with contextlib.ExitStack() as stack:
-        redis_url, redis_process = stack.enter_context(servers.redis_server(directory))
-        port = servers.free_port()
-        reports = directory / "workers.jsonl"
-        config = directory / "gunicorn.conf.py"
-        config.write_text(WORKER_HOOK.format(path=str(reports)))
-        command = servers.gunicorn(port, APP, max_streams, workers=workers)
-        environ = library.environ()
-        environ["FLASK_EVENTSTREAM_BROKER_URL"] = redis_url
-        environ["FLASK_EVENTSTREAM_KEY_PREFIX"] = PREFIX
-        log_path = directory / "server.log"
-        # Not this checkout's root: the first entry of sys.path is the
-        # working directory, and the library must come from PYTHONPATH.
-        process = servers.spawn(
-            [*command, "--config", str(config)], log_path, environ, cwd=directory
-        )
-        stack.callback(servers.stop, process)
-        running = servers.Running(
-            "eventstream-redis", port, 0, process, log_path, redis_process, redis_url
-        )
-        imported = wait_for_workers(running, reports, workers, library)
-        running.pid = min(imported)
-        yield running, imported
-
-
-def wait_for_workers(
-    running: servers.Running, reports: pathlib.Path, count: int, library: Library
-) -> dict[int, str]:
-    """The file of the broker each worker imported, once all are up and the
-    server answers; raises if one imported another copy of the library."""
-    deadline = time.monotonic() + servers.READY_TIMEOUT_SECONDS
-    while True:
-        lines = reports.read_text().splitlines() if reports.exists() else []
-        # A worker that died and was replaced has a line but no process.
-        tree = servers.process_tree(running.process.pid)
-        found = {
-            r["pid"]: r["file"] for r in map(json.loads, lines) if r["pid"] in tree
+    with servers.redis_server(directory) as (redis_url, redis_process):
+        settings = {
+            "FLASK_EVENTSTREAM_BROKER_URL": redis_url,
+            "FLASK_EVENTSTREAM_KEY_PREFIX": PREFIX,
         }
-        if len(found) >= count:
-            break
-        if running.process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{count} workers did not start:\n{running.log()}")
-        time.sleep(0.1)
-    wrong = {
-        pid: file
-        for pid, file in found.items()
-        if file is None or not pathlib.Path(file).is_relative_to(library.package)
-    }
-    if wrong:
-        raise RuntimeError(f"Workers imported another library than {library}: {wrong}")
-    while True:
-        try:
-            with urllib.request.urlopen(f"{running.url}/state", timeout=5):
-                return t.cast(dict[int, str], found)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User and system CPU time of a process so far, from ``/proc``; None
-    once it is gone (gunicorn kills a worker that stops answering)."""
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return None
-    # The name in parentheses may hold spaces; utime and stime are the 12th
-    # and 13th fields after it.
-    fields = stat.rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS_PER_SECOND
+        with servers.serve_app(
+            "eventstream-redis",
+            directory,
+            library=library,
+            workers=workers,
+            max_streams=max_streams,
+            settings=settings,
+            redis=redis_process,
+            redis_url=redis_url,
+            module="flask_eventstream.brokers.redis",
+        ) as running:
+            assert running.imported is not None
+            yield running, running.imported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +119,7 @@ class Snapshot:
             connection.close()
         return cls(
             time.monotonic(),
-            [cpu_seconds(pid) for pid in pids],
+            [servers.cpu_seconds(pid) for pid in pids],
             float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
             {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()},
         )
@@ -344,7 +211,7 @@ def measure(
                 "--out", str(published),
             ],
             cwd=published.parent,
-            env=library.environ(),
+            env=servers.environment(library),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

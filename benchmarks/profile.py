@@ -1,13 +1,16 @@
 """Where a server's worker spends its time during one benchmark scenario.
 
     python -m benchmarks.profile eventstream fanout
+    python -m benchmarks.profile eventstream@8473990 fanout
     python -m benchmarks.profile eventstream publish-10000-to-1 --seconds 20
 
 Starts the server as ``python -m benchmarks run`` does, samples its worker
 with py-spy while the load client runs the scenario at its full size, and
 prints the functions that were running (self) and on the stack (inclusive)
 in the largest share of samples. The raw samples are kept in ``--output``
-for a flame graph (``flamegraph.pl`` or speedscope read them).
+for a flame graph (``flamegraph.pl`` or speedscope read them). A server
+named ``eventstream@REV`` runs this checkout's app on the library of
+revision REV, as in ``python -m benchmarks run --compare REV``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 
 from benchmarks.run import FULL
 from benchmarks.run import run_case
+from benchmarks.servers import split_name
 from benchmarks.servers import start
 
 
@@ -50,9 +54,20 @@ def summarize(raw: pathlib.Path, top: int) -> str:
     return "\n".join(lines)
 
 
+def py_spy() -> str | None:
+    """py-spy on the PATH, or else beside this Python (a venv not activated)."""
+    found = shutil.which("py-spy")
+    beside = pathlib.Path(sys.executable).parent / "py-spy"
+    if found is None and beside.exists():
+        found = str(beside)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile")
-    parser.add_argument("server", help="e.g. eventstream, raw-gevent")
+    parser.add_argument(
+        "server", help="e.g. eventstream, raw-gevent, eventstream@8473990"
+    )
     parser.add_argument(
         "case", help="a full-size case, or the start of its key: fanout, publish"
     )
@@ -63,14 +78,19 @@ def main(argv: list[str] | None = None) -> int:
         "--output", default="profile.txt", help="raw samples (default: profile.txt)"
     )
     args = parser.parse_args(argv)
-    spy = shutil.which("py-spy")
+    spy = py_spy()
     if spy is None:
         parser.error(
             "py-spy is not installed: pip install -r benchmarks/requirements.txt"
         )
-    cases = [c for c in FULL.cases(args.server) if c.key.startswith(args.case)]
+    try:
+        base, _ = split_name(args.server)
+    except ValueError as exc:
+        parser.error(str(exc))
+    # eventstream@REV runs the cases of eventstream.
+    cases = [c for c in FULL.cases(base) if c.key.startswith(args.case)]
     if not cases:
-        keys = ", ".join(c.key for c in FULL.cases(args.server))
+        keys = ", ".join(c.key for c in FULL.cases(base))
         parser.error(f"No case starts with {args.case!r}; the cases are {keys}.")
     output = pathlib.Path(args.output)
     with start(args.server) as running:
@@ -90,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     if sampler.returncode != 0 or not output.exists():
         print(errors.decode(errors="replace"), file=sys.stderr)
         return 1
-    shown = {k: v for k, v in result.items() if k in ("rate_achieved", "latency")}
+    # py-spy's sampling costs the worker CPU time too: these are no benchmark.
+    wanted = ("rate_achieved", "latency", "worker_cpu_us_per_event", "capacity_rate")
+    shown = {k: v for k, v in result.items() if k in wanted}
     shown |= {k: v for k, v in result.items() if k.endswith("per_second")}
     print(f"{args.server} {cases[0].key}: {shown}")
     print(summarize(output, args.top))

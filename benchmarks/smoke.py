@@ -23,6 +23,7 @@ from flask_eventstream.parser import EventParser
 from .servers import NAMES
 from .servers import process_tree
 from .servers import Running
+from .servers import split_name
 from .servers import start
 
 STREAMS = 3
@@ -163,9 +164,11 @@ def main() -> None:
     parser.add_argument("names", nargs="*", metavar="NAME", help=", ".join(NAMES))
     parser.add_argument("--verbose", action="store_true", help="print tracebacks")
     args = parser.parse_args()
-    unknown = sorted(set(args.names) - set(NAMES))
-    if unknown:
-        parser.error(f"unknown servers {unknown}; choose from {', '.join(NAMES)}")
+    for name in args.names:
+        try:
+            split_name(name)
+        except ValueError as exc:
+            parser.error(str(exc))
     failed = False
     for name in args.names or NAMES:
         try:
