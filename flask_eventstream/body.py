@@ -235,27 +235,21 @@ class EventStreamBody:
             if not iterated_by_server(sys._getframe(1)):
                 self.writer = None
             return self._start()
-        while True:
-            data = self._next_data()
-            if self.writer is None:
-                return self._sending(data, time.monotonic())
-            self._write(data, self.writer)
-
-    def _next_data(self) -> bytes:
-        # What goes out next: the chunks that are ready, or a keep-alive
-        # once it is due; StopIteration once the stream is over.
+        # One frame for the whole wait: an idle stream parks in it, and its
+        # greenlet keeps every frame it parks in.
         writer = self.writer
         while True:
             chunks = self.source.take(self._timeout())
-            if chunks:
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            if writer is not None:
-                if writer.rest:
-                    return b""
-                if self._keep_alive is not None:
-                    # What the fan-out wrote counts as not being silent.
-                    quiet_until = writer.wrote_at + self._keep_alive
-                    self._next_beat = max(self._next_beat or 0.0, quiet_until)
+            if chunks or (writer is not None and writer.rest):
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                if writer is None:
+                    return self._sending(data, time.monotonic())
+                self._write(data, writer)
+                continue
+            if writer is not None and self._keep_alive is not None:
+                # What the fan-out wrote counts as not being silent.
+                quiet_until = writer.wrote_at + self._keep_alive
+                self._next_beat = max(self._next_beat or 0.0, quiet_until)
             now = time.monotonic()
             drained = self.source.drained
             if drained or (self._ends_at is not None and now >= self._ends_at):
@@ -263,7 +257,9 @@ class EventStreamBody:
                 self.close()
                 raise StopIteration
             if self._next_beat is not None and now >= self._next_beat:
-                return self._heartbeat
+                if writer is None:
+                    return self._sending(self._heartbeat, now)
+                self._write(self._heartbeat, writer)
 
     def _write(self, data: bytes, writer: SocketWriter) -> None:
         if self._keep_alive is not None:
@@ -311,8 +307,8 @@ class EventStreamBody:
         self._watcher.add(self)
         metrics.hooks.stream_opened(self.kind)
         self.source.start(backend)
-        if self.writer is not None:
-            self.source.write_through(self.writer)
+        if self.writer is not None and not self.source.write_through(self.writer):
+            self.writer = None
         return self._sending(self._opening, now)
 
     def _sending(self, data: bytes | memoryview, now: float) -> bytes:

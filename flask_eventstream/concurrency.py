@@ -295,10 +295,14 @@ class StreamSource(abc.ABC):
     def close(self) -> None:
         """Stop producing and release everything the source holds."""
 
-    def write_through(self, writer: SocketWriter) -> None:  # noqa: B027
+    def write_through(self, writer: SocketWriter) -> bool:
         """Let chunks that come while the response waits with nothing
-        queued go to the client through ``writer`` at once. By default a
-        source does not."""
+        queued go to the client through ``writer`` at once; False if the
+        source does not, as by default: the response then writes through
+        the server, which gains nothing for a source that is not fanned out
+        to (a generator's stream is written fastest in the server's big
+        writes)."""
+        return False
 
 
 #: Set by a stream view's producer while the view's iterable runs. A source
@@ -319,6 +323,19 @@ class Mailbox(t.Generic[_T]):
     ``put`` blocks while it is full (a slow client slows its producer);
     ``offer`` never blocks, for publishers that must not wait on one client.
     """
+
+    # One per stream: slots keep an idle stream small.
+    __slots__ = (
+        "_items",
+        "_lock",
+        "_new_event",
+        "_ready",
+        "_space",
+        "_taker_idle",
+        "closed",
+        "maxsize",
+        "writer",
+    )
 
     def __init__(self, backend: Backend, maxsize: int) -> None:
         self.maxsize = maxsize
@@ -365,11 +382,12 @@ class Mailbox(t.Generic[_T]):
 
     def write_through(self, writer: SocketWriter) -> None:
         """Let ``writer`` write for the taker while it waits idle."""
-        writer.on_flush = self._write_held
+        writer.owner = self
         self.writer = writer
 
-    def _write_held(self, now: float) -> None:
-        # Called once the publisher lets the loop run, for what it held.
+    def write_held(self, now: float) -> None:
+        """Have :attr:`writer` write what it held for the taker, if the
+        taker still waits idle; the flusher calls it at the end of a turn."""
         with self._lock:
             assert self.writer is not None
             # A taker that woke meanwhile took what was held as its rest.

@@ -41,6 +41,13 @@ if t.TYPE_CHECKING:
 _CRLF = b"\r\n"
 
 
+class Flushable(t.Protocol):
+    """What writes a writer's held bytes when the flusher says."""
+
+    def write_held(self, now: float) -> object:
+        """Write what is held; ``now`` is the time of the flush."""
+
+
 class SocketWriter:
     """Writes the body of one response to its socket, chunked for HTTP/1.1.
 
@@ -56,7 +63,7 @@ class SocketWriter:
         "_socket",
         "_turn",
         "flusher",
-        "on_flush",
+        "owner",
         "rest",
         "wrote_at",
     )
@@ -67,11 +74,12 @@ class SocketWriter:
         self._chunked = chunked
         #: Calls the owner back to write what is held, once the loop runs.
         self.flusher = flusher
-        #: What the flusher calls: the owner's :meth:`write_held` under its
-        #: lock, or this writer's own.
-        self.on_flush: cabc.Callable[[float], object] = self.write_held
-        # Events published for the stream since the last flush.
-        self._held: list[bytes] = []
+        #: Whose ``write_held`` the flusher calls: the mailbox that makes
+        #: sure nothing else writes meanwhile, or this writer itself.
+        self.owner: Flushable = self
+        # Events published for the stream since the last flush; made on
+        # the first burst, as most streams never see one.
+        self._held: list[bytes] | None = None
         # The flusher's turn of the stream's last write at once.
         self._turn = -1
         #: What the socket did not take at once; it goes before anything else.
@@ -87,13 +95,13 @@ class SocketWriter:
     @property
     def held(self) -> int:
         """How many events wait for the next flush."""
-        return len(self._held)
+        return len(self._held) if self._held else 0
 
     def write_or_hold(self, data: bytes) -> bool:
         """Write ``data`` at once if it is the stream's first this turn of
         the loop, else hold it for the flush at the end of the turn, which
-        calls :attr:`on_flush`; False if the socket did not take all of it,
-        whose rest is then :attr:`rest`.
+        calls the ``write_held`` of :attr:`owner`; False if the socket did
+        not take all of it, whose rest is then :attr:`rest`.
 
         A lone event goes out at once; a burst costs one more write per
         stream, however many events it has. Any thread may call it; the
@@ -103,10 +111,13 @@ class SocketWriter:
             # An empty chunk would end the response.
             return True
         flusher = self.flusher
-        if self._held or self._turn == flusher.turn:
-            self._held.append(data)
-            if len(self._held) == 1:
-                flusher.add(self.on_flush)
+        held = self._held
+        if held or self._turn == flusher.turn:
+            if held is None:
+                held = self._held = []
+            held.append(data)
+            if len(held) == 1:
+                flusher.add(self.owner)
             return True
         self._turn = flusher.wrote()
         return self._write_now(data, flusher.now)
@@ -175,7 +186,7 @@ class Flusher:
     def __init__(self, backend: GeventBackend) -> None:
         self._backend = backend
         self._lock = os_lock()
-        self._due: list[cabc.Callable[[float], object]] = []
+        self._due: list[Flushable] = []
         self._scheduled = False
         #: Counts the flushes, so that a stream knows if it was written to
         #: in this turn of the loop.
@@ -184,11 +195,11 @@ class Flusher:
         #: call, and a keep-alive needs no finer time.
         self.now = time.monotonic()
 
-    def add(self, write_held: cabc.Callable[[float], object]) -> None:
-        """Call ``write_held`` with the others at the end of this turn, with
-        the time of the flush."""
+    def add(self, owner: Flushable) -> None:
+        """Call ``owner.write_held`` with the others at the end of this
+        turn, with the time of the flush."""
         with self._lock:
-            self._due.append(write_held)
+            self._due.append(owner)
             self._schedule()
 
     def wrote(self) -> int:
@@ -210,8 +221,8 @@ class Flusher:
             self._scheduled = False
             self.turn += 1
             now = self.now = time.monotonic()
-        for write_held in due:
-            write_held(now)
+        for owner in due:
+            owner.write_held(now)
 
 
 _flushers: dict[int, Flusher] = {}

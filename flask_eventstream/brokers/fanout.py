@@ -147,9 +147,11 @@ class Subscription(StreamSource):
     def drained(self) -> bool:
         return not self._backlog and (self._mailbox is None or self._mailbox.drained)
 
-    def write_through(self, writer: SocketWriter) -> None:
-        if self._mailbox is not None:
-            self._mailbox.write_through(writer)
+    def write_through(self, writer: SocketWriter) -> bool:
+        if self._mailbox is None:
+            return False
+        self._mailbox.write_through(writer)
+        return True
 
     def interrupt(self) -> None:
         if self._mailbox is not None:
