@@ -61,6 +61,9 @@ BOUND_SHARE = 0.9
 #: In ``capacity``, the streams whose every event is parsed, decoded and
 #: timed; the others are only counted (see :class:`TickReader`).
 CAPACITY_SAMPLE = 100
+#: A capacity connection unused for this long is opened anew before its
+#: next POST: gunicorn closes one that waits 2 s for its next request.
+IDLE_SECONDS = 1.0
 READ_BYTES = 256 * 1024
 #: Every read of a parsed stream goes here first (one event loop, one read
 #: at a time).
@@ -764,6 +767,10 @@ class Poster:
         #: The event in flight and when its POST went out, or None if idle.
         self.seq: int | None = None
         self.sent = 0.0
+        # When the last answer came: gunicorn closes a keep-alive connection
+        # that waits 2 s (its --keep-alive) for the next request, and a POST
+        # sent as it does so is lost.
+        self._answered = 0.0
 
     @property
     def idle(self) -> bool:
@@ -778,6 +785,8 @@ class Poster:
             f"{self.target.port}\r\nContent-Length: 0\r\n\r\n".encode()
         )
         self._in = b""
+        if self._socket is not None and self.sent - self._answered > IDLE_SECONDS:
+            self.close()
         try:
             if self._socket is None:
                 # Loopback: the handshake is done within the call.
@@ -820,6 +829,7 @@ class Poster:
             return None
         status, close = answer
         self.seq = None
+        self._answered = time.monotonic()
         if close:
             self.close()
         return "" if status == 200 else f"status {status}"
