@@ -84,7 +84,8 @@ class SocketWriter:
         self._turn = -1
         #: What the socket did not take at once; it goes before anything else.
         self.rest = b""
-        #: When held bytes were last written, for keep-alives.
+        #: When the fan-out last wrote (the time of its turn of the loop),
+        #: for keep-alives.
         self.wrote_at = 0.0
 
     def _framed(self, data: bytes) -> list[bytes]:
