@@ -88,10 +88,11 @@ class SocketWriter:
         #: for keep-alives.
         self.wrote_at = 0.0
 
-    def _framed(self, data: bytes) -> list[bytes]:
+    def _framed(self, data: bytes) -> tuple[bytes, ...]:
+        # As gunicorn frames a chunk, or as it is for HTTP/1.0.
         if not self._chunked:
-            return [data]
-        return [b"%x\r\n" % len(data), data, _CRLF]
+            return (data,)
+        return (b"%x\r\n" % len(data), data, _CRLF)
 
     @property
     def held(self) -> int:
@@ -135,7 +136,7 @@ class SocketWriter:
         return self._write_now(body, now)
 
     def _write_now(self, body: bytes, now: float) -> bool:
-        parts = (b"%x\r\n" % len(body), body, _CRLF) if self._chunked else (body,)
+        parts = self._framed(body)
         try:
             sent = os.writev(self._fd, parts)
         except OSError:
