@@ -21,6 +21,7 @@ if t.TYPE_CHECKING:
     import collections.abc as cabc
 
     from .metrics import CloseReason
+    from .socket_writer import Frames
     from .socket_writer import SocketWriter
 
 
@@ -127,6 +128,13 @@ class GeventBackend(ThreadBackend):
             self._hub.loop.run_callback(fn)
         else:
             self._hub.loop.run_callback_threadsafe(fn)
+
+    def let_others_run(self) -> None:
+        """Let the hub run every other greenlet that is ready, and look for
+        I/O, before the caller goes on."""
+        # Not sleep(0): the hub would run the caller again before it looks
+        # for I/O, for up to gevent's switch interval.
+        self._gevent.idle()
 
     def spawn(self, fn: cabc.Callable[[], None], name: str) -> Stop:
         greenlet = self._gevent.spawn(fn)
@@ -355,46 +363,32 @@ class Mailbox(t.Generic[_T]):
     def __len__(self) -> int:
         return len(self._items)
 
-    def offer(self, chunk: _T, data: bytes | None = None) -> bool:
-        """Queue ``chunk`` if there is room; never block.
+    def offer(self, chunks: list[_T], frames: Frames | None = None) -> int:
+        """Queue as many of ``chunks`` as there is room for, never blocking;
+        return how many.
 
-        :param data: the chunk's bytes, which :attr:`writer` writes (or
-            holds for the end of the loop's turn) for the taker instead if
-            it waits idle (see :meth:`take`).
+        :param frames: the chunks' bytes, which :attr:`writer` writes for
+            the taker at once instead, if it waits idle (see :meth:`take`).
         """
         with self._lock:
-            if self.closed or len(self._items) >= self.maxsize:
-                return False
-            if self._taker_idle and data is not None:
+            if self.closed:
+                return 0
+            if self._taker_idle and frames is not None and len(chunks) <= self.maxsize:
                 assert self.writer is not None
-                # Held events count against the size: a burst to a client
-                # that reads nothing must not pile up in memory.
-                if self.writer.held >= self.maxsize:
-                    return False
-                if not self.writer.write_or_hold(data):
+                if not self.writer.write_now(frames):
                     # The taker sends the rest before anything queued after.
                     self._taker_idle = False
                     self._ready.set()
-                return True
-            self._items.append(chunk)
-            self._ready.set()
-            return True
+                return len(chunks)
+            taken = chunks[: self.maxsize - len(self._items)]
+            if taken:
+                self._items.extend(taken)
+                self._ready.set()
+            return len(taken)
 
     def write_through(self, writer: SocketWriter) -> None:
         """Let ``writer`` write for the taker while it waits idle."""
-        writer.owner = self
         self.writer = writer
-
-    def write_held(self, now: float) -> None:
-        """Have :attr:`writer` write what it held for the taker, if the
-        taker still waits idle; the flusher calls it at the end of a turn."""
-        with self._lock:
-            assert self.writer is not None
-            # A taker that woke meanwhile took what was held as its rest.
-            if self._taker_idle and not self.writer.write_held(now):
-                # The taker sends the rest before anything queued after.
-                self._taker_idle = False
-                self._ready.set()
 
     def put(self, chunk: _T) -> bool:
         """Queue ``chunk``, waiting for room; return False once closed."""
@@ -420,8 +414,8 @@ class Mailbox(t.Generic[_T]):
 
         :param idle: the taker writes nothing while it waits, so that
             :attr:`writer`, if set, may write for it what comes meanwhile;
-            what it has not written yet when the taker wakes becomes the
-            writer's ``rest``, for the taker to send first.
+            what the socket did not take is the writer's ``rest``, for the
+            taker to send first.
         """
         if idle and self.writer is not None:
             with self._lock:
@@ -431,7 +425,6 @@ class Mailbox(t.Generic[_T]):
             finally:
                 with self._lock:
                     self._taker_idle = False
-                    self.writer.take_held()
         else:
             ready = self._ready.wait(timeout)
         if not ready:

@@ -30,13 +30,13 @@ def test_take_returns_everything_queued_in_order() -> None:
     assert box.take(0) == []
 
 
-def test_offer_refuses_when_full_and_never_blocks() -> None:
+def test_offer_takes_what_fits_and_never_blocks() -> None:
     """A full mailbox turns an offer down instead of waiting."""
-    box: Mailbox[bytes] = Mailbox(THREADS, 2)
-    assert box.offer(b"a")
-    assert box.offer(b"b")
-    assert not box.offer(b"c")
-    assert len(box) == 2
+    box: Mailbox[bytes] = Mailbox(THREADS, 3)
+    assert box.offer([b"a"]) == 1
+    assert box.offer([b"b", b"c", b"d"]) == 2
+    assert box.offer([b"e"]) == 0
+    assert box.take(0) == [b"a", b"b", b"c"]
 
 
 def test_put_waits_for_room_until_a_take() -> None:
@@ -70,7 +70,7 @@ def test_close_wakes_a_waiting_take_and_a_waiting_put() -> None:
     assert box.take(None) == [b"a"]
     assert box.drained
     assert box.take(None) == []
-    assert not box.offer(b"c")
+    assert box.offer([b"c"]) == 0
 
 
 def test_take_times_out_empty() -> None:
@@ -192,7 +192,7 @@ def test_gevent_waits_leave_no_objects_behind_per_event(
 
     def one_round() -> None:
         for box in boxes:
-            box.offer(b"data: x\n\n")
+            box.offer([b"data: x\n\n"])
         while any(len(box) for box in boxes):
             gevent.sleep(0)
         gevent.sleep(0)
@@ -230,7 +230,7 @@ def test_gevent_mailbox_fed_from_an_os_thread_never_misses_a_wake_up(
 
     def feed() -> None:
         for n in range(2000):
-            box.offer(n)
+            box.offer([n])
             acks.get(timeout=10)
 
     feeder = threading.Thread(target=feed)

@@ -19,13 +19,14 @@ import pytest
 import requests
 
 if t.TYPE_CHECKING:
-    from flask_eventstream.concurrency import GeventBackend
+    from flask_eventstream.brokers.base import Message
+    from flask_eventstream.brokers.fanout import Subscription
 
 from flask_eventstream.concurrency import Mailbox
 from flask_eventstream.concurrency import THREADS
 from flask_eventstream.event import Event
 from flask_eventstream.parser import EventParser
-from flask_eventstream.socket_writer import Flusher
+from flask_eventstream.socket_writer import Frames
 from flask_eventstream.socket_writer import SocketWriter
 from tests.servers import EventClient
 from tests.servers import open_stream
@@ -299,81 +300,54 @@ def test_stream_fed_by_direct_writes_sends_no_keep_alive(server: Server) -> None
     assert body(quiet).count(b": keep-alive\n") >= 2
 
 
-def _pair() -> tuple[socket.socket, socket.socket]:
+def _pair(buffer: int = 4096) -> tuple[socket.socket, socket.socket]:
     ours, theirs = socket.socketpair()
     for sock in (ours, theirs):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
     ours.settimeout(5)  # non-blocking underneath, as under gevent
     return ours, theirs
 
 
-class Loop:
-    """The hub's loop as the flusher sees it: callbacks run when the test
-    says, as they would once the publishing greenlet waits."""
-
-    def __init__(self) -> None:
-        self.callbacks: list[t.Callable[[], None]] = []
-
-    def call_soon(self, fn: t.Callable[[], None]) -> None:
-        self.callbacks.append(fn)
-
-    def run(self) -> int:
-        callbacks, self.callbacks = self.callbacks, []
-        for fn in callbacks:
-            fn()
-        return len(callbacks)
+def _recv_now(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(1 << 20, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return b""
 
 
 class IdleTaker:
     """A stream's side of a mailbox with a writer, waiting idle in a thread."""
 
-    def __init__(
-        self, sock: socket.socket, timeout: float = 5, size: int = 100
-    ) -> None:
-        self.loop = Loop()
-        flusher = Flusher(t.cast("GeventBackend", self.loop))
-        self.writer = SocketWriter(sock, chunked=True, flusher=flusher)
+    def __init__(self, sock: socket.socket, size: int = 100) -> None:
+        self.writer = SocketWriter(sock, chunked=True)
         self.mailbox: Mailbox[bytes] = Mailbox(THREADS, size)
         self.mailbox.write_through(self.writer)
         self.taken: list[bytes] = []
-        self._thread = threading.Thread(target=self._take, args=(timeout,))
+        self._thread = threading.Thread(target=self._take)
         self._thread.start()
         wait_for(lambda: self.mailbox._taker_idle, 5, "the taker waits")
 
-    def _take(self, timeout: float) -> None:
-        self.taken = self.mailbox.take(timeout, idle=True)
+    def _take(self) -> None:
+        self.taken = self.mailbox.take(5, idle=True)
 
-    def offer(self, data: bytes) -> bool:
-        return self.mailbox.offer(data, data)
+    def offer(self, *chunks: bytes) -> int:
+        return self.mailbox.offer(list(chunks), Frames.join(list(chunks), 0.0))
 
     def join(self) -> list[bytes]:
         self._thread.join(10)
         return self.taken + self.mailbox.take(0)
 
 
-def _recv_now(sock: socket.socket) -> bytes:
-    try:
-        return sock.recv(65536, socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return b""
-
-
-def test_lone_event_goes_out_at_once_and_a_burst_in_one_chunk_at_the_turn() -> None:
+def test_events_offered_together_go_out_in_one_chunk_without_waking() -> None:
     ours, theirs = _pair()
     taker = IdleTaker(ours)
-    assert taker.offer(b"one\n\n")
-    # The first event of this turn of the loop is written at once.
+    assert taker.offer(b"one\n\n") == 1
     assert _recv_now(theirs) == b"5\r\none\n\n\r\n"
-    assert taker.offer(b"two\n\n")
-    assert taker.offer(b"three\n\n")
-    # The rest of the burst is held, not queued: the taker is not woken.
-    assert len(taker.mailbox) == 0 and _recv_now(theirs) == b""
-    assert taker.loop.run() == 1
+    assert taker.offer(b"two\n\n", b"three\n\n") == 2
     assert _recv_now(theirs) == b"c\r\ntwo\n\nthree\n\n\r\n"
-    # A new turn: the next lone event goes out at once again.
-    assert taker.offer(b"four\n\n")
-    assert _recv_now(theirs) == b"6\r\nfour\n\n\r\n"
+    # Nothing was queued: the taker still waits.
+    assert taker._thread.is_alive() and len(taker.mailbox) == 0
     taker.mailbox.close()
     assert taker.join() == []
     ours.close()
@@ -383,14 +357,11 @@ def test_lone_event_goes_out_at_once_and_a_burst_in_one_chunk_at_the_turn() -> N
 def test_what_the_socket_does_not_take_goes_before_what_is_queued() -> None:
     ours, theirs = _pair()
     taker = IdleTaker(ours)
-    assert taker.offer(b"small")
     big = b"B" * 200_000
-    assert taker.offer(big)
-    taker.loop.run()
+    assert taker.offer(b"small", big) == 2
     assert taker.writer.rest, "a socket buffer of a few KiB took 200 kB"
     # The taker is woken for the rest; later chunks are queued behind it.
-    assert taker.offer(b"later")
-    assert taker.loop.run() == 0
+    assert taker.offer(b"later") == 1
     assert taker.join() == [b"later"]
     received = bytearray()
 
@@ -407,29 +378,15 @@ def test_what_the_socket_does_not_take_goes_before_what_is_queued() -> None:
     theirs.close()
 
 
-def test_held_events_become_the_rest_if_the_stream_wakes_first() -> None:
-    ours, theirs = _pair()
-    taker = IdleTaker(ours, timeout=0.5)
-    assert taker.offer(b"first")
-    assert taker.offer(b"held")
-    # The keep-alive timer wakes the stream before the loop ran the flush.
-    assert taker.join() == []
-    assert taker.writer.rest == b"4\r\nheld\r\n"
-    taker.loop.run()
-    assert _recv_now(theirs) == b"5\r\nfirst\r\n"
-    ours.close()
-    theirs.close()
-
-
-def test_held_events_count_against_the_queue_size() -> None:
-    # A burst published in one turn of the loop to a stream that may fall
-    # 3 events behind: the first goes out at once, 3 are held.
+def test_more_events_than_the_queue_size_are_queued_up_to_it() -> None:
+    # A burst to a stream that may fall 3 events behind: not written, as
+    # the client could not keep up with it either; 3 are queued for the
+    # stream to send before it ends.
     ours, theirs = _pair()
     taker = IdleTaker(ours, size=3)
-    assert [taker.offer(b"%d" % n) for n in range(6)] == [True] * 4 + [False] * 2
-    taker.mailbox.close()
-    taker.join()
-    assert taker.writer.rest == b"3\r\n123\r\n"
+    assert taker.offer(*[b"%d" % n for n in range(6)]) == 3
+    assert _recv_now(theirs) == b""
+    assert taker.join() == [b"0", b"1", b"2"]
     ours.close()
     theirs.close()
 
@@ -437,13 +394,177 @@ def test_held_events_count_against_the_queue_size() -> None:
 def test_empty_chunk_is_never_written() -> None:
     ours, theirs = _pair()
     taker = IdleTaker(ours)
-    assert taker.offer(b"")
-    assert taker.offer(Event().encode())
-    assert taker.loop.run() == 0
-    assert taker.offer(b"x")
-    taker.loop.run()
+    assert taker.offer(b"") == 1
+    assert taker.offer(Event().encode()) == 1
+    assert taker.offer(b"x") == 1
     assert _recv_now(theirs) == b"1\r\nx\r\n"
     taker.mailbox.close()
     taker.join()
     ours.close()
     theirs.close()
+
+
+class Streams:
+    """Subscriptions of a memory broker under a gevent backend, each read
+    by a greenlet that waits idle, as a stream's body does, and written to
+    directly through a socket pair."""
+
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, count: int, channel: str = "c"
+    ) -> None:
+        import gevent
+
+        from flask_eventstream.brokers.memory import MemoryBroker
+        from flask_eventstream.concurrency import GeventBackend
+
+        self.backend = GeventBackend()
+        for module in ("brokers.fanout", "concurrency"):
+            monkeypatch.setattr(
+                f"flask_eventstream.{module}.current_backend", lambda: self.backend
+            )
+        self.broker = MemoryBroker()
+        self.subs: list[Subscription] = []
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.takers: list[t.Any] = []
+        for _ in range(count):
+            self.subscribe(channel)
+        gevent.sleep(0.01)
+        assert all(self.mailbox(sub)._taker_idle for sub in self.subs)
+
+    @staticmethod
+    def mailbox(sub: Subscription) -> Mailbox[Message]:
+        assert sub._mailbox is not None
+        return sub._mailbox
+
+    def subscribe(
+        self, channel: str, last_id: str | None = None, idle: bool = True
+    ) -> Subscription:
+        import gevent
+
+        from flask_eventstream.brokers.fanout import Subscription
+
+        ours, theirs = _pair(1 << 20)
+        sub = Subscription(self.broker, [channel], last_id, 1000)
+        sub.start(self.backend)
+        sub.write_through(SocketWriter(ours, chunked=False))
+        self.subs.append(sub)
+        self.pairs.append((ours, theirs))
+        if idle:
+            self.takers.append(gevent.spawn(sub.take, 30))
+        return sub
+
+    def publish(self, channel: str, data: str) -> str:
+        return self.broker.publish(channel, Event(data, id=None))
+
+    def received(self, index: int) -> list[str]:
+        parser = EventParser()
+        return [e.data for e in parser.feed(_recv_now(self.pairs[index][1]))]
+
+    def close(self) -> None:
+        import gevent
+
+        for sub in self.subs:
+            sub.close()
+        gevent.joinall(self.takers, timeout=5)
+        for ours, theirs in self.pairs:
+            ours.close()
+            theirs.close()
+
+
+@pytest.fixture
+def streams(monkeypatch: pytest.MonkeyPatch) -> t.Iterator[Streams]:
+    made = Streams(monkeypatch, 250)
+    yield made
+    made.close()
+
+
+def test_events_published_before_the_loop_runs_go_out_in_one_write(
+    streams: Streams,
+) -> None:
+    import gevent
+
+    for n in range(3):
+        streams.publish("c", f"e{n}")
+    # Nothing is written while the publisher runs: it has not waited yet.
+    assert streams.received(0) == []
+    gevent.sleep(0.05)
+    for index in range(len(streams.subs)):
+        assert streams.received(index) == ["e0", "e1", "e2"]
+    # The streams' greenlets were never woken.
+    assert not any(taker.dead for taker in streams.takers)
+
+
+def test_events_published_during_a_flush_follow_it_in_order(
+    streams: Streams,
+) -> None:
+    import gevent
+
+    from flask_eventstream.brokers.fanout import FLUSH_SLICE
+
+    assert len(streams.subs) > 2 * FLUSH_SLICE
+    streams.publish("c", "first")
+    # Runs once the flush lets the loop run after its first slice.
+    late = gevent.spawn(streams.publish, "c", "second")
+    gevent.sleep(0.05)
+    assert late.successful()
+    got = [streams.received(index) for index in range(len(streams.subs))]
+    assert got == [["first", "second"]] * len(streams.subs)
+
+
+def test_subscription_made_before_a_flush_gets_no_earlier_event_live(
+    streams: Streams,
+) -> None:
+    import gevent
+
+    before = streams.publish("c", "before")
+    gevent.sleep(0.05)
+    assert streams.received(0) == ["before"]
+    streams.publish("c", "published")
+    # Attached while "published" waits for the flush: it comes in the
+    # replay of one, and is older than the other.
+    replayed = streams.subscribe("c", last_id=before, idle=False)
+    fresh = streams.subscribe("c", idle=False)
+    streams.publish("c", "after")
+    gevent.sleep(0.05)
+    assert streams.received(0) == ["published", "after"]
+    replay = EventParser().feed(b"".join(replayed.take(0)))
+    assert [e.data for e in replay] == ["published"]
+    assert [m.event.data for m in streams.mailbox(replayed).take(0)] == ["after"]
+    assert [m.event.data for m in streams.mailbox(fresh).take(0)] == ["after"]
+
+
+def test_disconnect_delivers_what_was_published_before(streams: Streams) -> None:
+    import gevent
+
+    streams.publish("c", "last words")
+    streams.broker.disconnect(["c"])
+    gevent.sleep(0.05)
+    assert all(taker.dead for taker in streams.takers)
+    for index in range(len(streams.subs)):
+        assert streams.received(index) == ["last words"]
+
+
+def test_flush_that_fails_is_logged_and_the_next_publish_goes_on(
+    streams: Streams, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import gevent
+
+    from flask_eventstream.brokers.fanout import Subscription
+
+    deliver = Subscription.deliver
+    failures = iter([RuntimeError("a bug")])
+
+    def fails_once(sub: Subscription, *args: t.Any) -> int:
+        for error in failures:
+            raise error
+        return deliver(sub, *args)
+
+    monkeypatch.setattr(Subscription, "deliver", fails_once)
+    streams.publish("c", "lost for one")
+    gevent.sleep(0.05)
+    assert "Delivering events failed" in caplog.text
+    streams.publish("c", "next")
+    gevent.sleep(0.05)
+    got = [streams.received(index) for index in range(len(streams.subs))]
+    assert sorted(map(len, got)) == [1] + [2] * (len(streams.subs) - 1)
+    assert all(events[-1] == "next" for events in got)

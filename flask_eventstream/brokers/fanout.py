@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 import typing as t
 
 from .. import metrics
 from ..concurrency import current_backend
+from ..concurrency import GeventBackend
 from ..concurrency import Mailbox
 from ..concurrency import on_cut_short
 from ..concurrency import os_lock
 from ..concurrency import StreamSource
+from ..socket_writer import Frames
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
@@ -27,6 +31,8 @@ logger = logging.getLogger(__name__)
 BACKLOG_BATCH = 256
 #: How often a subscription that waits for its broker tries again.
 ATTACH_RETRY_SECONDS = 1.0
+#: How many subscriptions a flush serves before it lets the loop run.
+FLUSH_SLICE = 100
 
 
 class Subscription(StreamSource):
@@ -98,20 +104,26 @@ class Subscription(StreamSource):
             pause = ATTACH_RETRY_SECONDS
             self._mailbox.take(pause if timeout is None else min(timeout, pause))
 
-    def deliver(self, message: Message) -> bool:
-        """Queue ``message``, never blocking; False if it takes no more."""
+    def deliver(self, messages: list[Message], frames: Frames) -> int:
+        """Queue ``messages``, whose bytes ``frames`` holds, never blocking;
+        return how many it took (those it skips included). If that is not
+        all of them, the subscription has ended."""
         assert self._mailbox is not None
-        if self._skip is not None and message.order <= self._skip:
-            return True
-        if self._mailbox.offer(message, message.data):
-            return True
-        if not self._mailbox.closed:
+        skip, skipped = self._skip, 0
+        if skip is not None and messages[0].order <= skip:
+            live = [m for m in messages if m.order > skip]
+            skipped = len(messages) - len(live)
+            if not live:
+                return skipped
+            messages, frames = live, Frames.join([m.data for m in live], frames.at)
+        taken = self._mailbox.offer(messages, frames)
+        if taken < len(messages) and not self._mailbox.closed:
             # Waiting would let one slow client hold up every publisher; the
             # client reconnects and catches up from history instead.
             self.overflowed = True
             self.ended_by = "slow_consumer"
             self._mailbox.close()
-        return False
+        return skipped + taken
 
     def skip_through(self, order: tuple[int, int]) -> None:
         """Drop live events up to ``order``: the replay has them, or they
@@ -186,7 +198,18 @@ class Subscription(StreamSource):
 
 
 class FanOut:
-    """Which subscriptions of this process listen on which channel.
+    """Which subscriptions of this process listen on which channel, and the
+    delivery of events to them.
+
+    Under threads an event is delivered as it is published. Under gevent,
+    events are delivered by a flush once the publisher lets the loop run:
+    the flush serves each subscription once, with every event for it
+    published meanwhile, and lets the loop run between slices of
+    subscriptions, so that publishers go on meanwhile and their events go
+    out with the next flush. A flush costs a write per subscriber, however
+    many events it carries; so the more is published, the more each write
+    carries, and the publishing rate a worker keeps up with is not bound by
+    the number of its subscribers.
 
     Every method expects :attr:`lock` to be held, so that a broker makes a
     step of its store and one of the fan-out a single step.
@@ -203,6 +226,14 @@ class FanOut:
         self._changed: set[str] = set()
         #: Counts every change of subscriptions, to tell when stats change.
         self.version = 0
+        # Published and not yet handed to a flush, in order.
+        self._published: list[tuple[str, Message]] = []
+        # What the flush has yet to hand over: each subscription once, with
+        # its events.
+        self._due: list[tuple[Subscription, list[Message], Frames]] = []
+        # The process whose flush runs, if one does: a forked worker starts
+        # with none, whatever its parent was doing.
+        self._flushing_in: int | None = None
 
     def __len__(self) -> int:
         return self._count
@@ -244,24 +275,97 @@ class FanOut:
         metrics.hooks.subscriptions_changed(-found)
 
     def deliver(self, channel: str, message: Message) -> None:
-        """Hand ``message`` to every subscription of ``channel``."""
-        subs = self._channels.get(channel)
-        if not subs:
+        """Hand ``message`` to every subscription of ``channel``: at once
+        under threads, with the next flush under gevent."""
+        if channel not in self._channels:
             return
-        done = [sub for sub in subs if not sub.deliver(message)]
-        metrics.hooks.delivered(len(subs) - len(done))
-        for sub in done:
+        self._published.append((channel, message))
+        backend = current_backend()
+        if not isinstance(backend, GeventBackend):
+            self.finish()
+        elif self._flushing_in != os.getpid():
+            self._flushing_in = os.getpid()
+            backend.call_soon(self._start_flush)
+
+    def finish(self) -> None:
+        """Hand everything published so far to the subscriptions, now."""
+        self._serve(len(self._due))
+        self._plan()
+        self._serve(len(self._due))
+
+    def _start_flush(self) -> None:
+        # In the hub's thread, which the publisher may not be in.
+        current_backend().spawn(self._flush, "eventstream-flush")
+
+    def _flush(self) -> None:
+        backend = t.cast("GeventBackend", current_backend())
+        try:
+            while True:
+                with self.lock:
+                    if not self._due:
+                        self._plan()
+                        if not self._due:
+                            self._flushing_in = None
+                            return
+                    self._serve(FLUSH_SLICE)
+                backend.let_others_run()
+        except BaseException as e:
+            # The next publish starts a flush again, for what is still due.
+            with self.lock:
+                self._flushing_in = None
+            if not isinstance(e, Exception):
+                raise
+            logger.exception("Delivering events failed; the next publish goes on.")
+
+    def _plan(self) -> None:
+        # The events of one channel are joined once, for all its
+        # subscriptions; a subscription to several channels gets its own.
+        published, self._published = self._published, []
+        by_channel: dict[str, list[Message]] = {}
+        for channel, message in published:
+            by_channel.setdefault(channel, []).append(message)
+        now = time.monotonic()
+        mixed: set[Subscription] = set()
+        for channel, messages in by_channel.items():
+            frames = Frames.join([m.data for m in messages], now)
+            for sub in self._channels.get(channel, ()):
+                if len(sub.channels) == 1:
+                    self._due.append((sub, messages, frames))
+                else:
+                    mixed.add(sub)
+        for sub in mixed:
+            mine = [m for c, m in published if c in sub.channels]
+            self._due.append((sub, mine, Frames.join([m.data for m in mine], now)))
+
+    def _serve(self, count: int) -> None:
+        due = self._due
+        if not due:
+            return
+        delivered = 0
+        ended = []
+        for _ in range(min(count, len(due))):
+            sub, messages, frames = due.pop()
+            taken = sub.deliver(messages, frames)
+            delivered += taken
+            if taken < len(messages):
+                ended.append(sub)
+        metrics.hooks.delivered(delivered)
+        for sub in ended:
             self.remove(sub)
 
     def end_channels(self, channels: cabc.Iterable[str]) -> None:
-        """Interrupt and forget the subscriptions of ``channels``."""
+        """Interrupt and forget the subscriptions of ``channels``, once
+        they have what was published before."""
+        self.finish()
         for channel in channels:
             for sub in list(self._channels.get(channel, ())):
                 self.remove(sub)
                 sub.interrupt()
 
     def end_all(self) -> None:
-        """Interrupt and forget every subscription: their streams end."""
+        """Interrupt and forget every subscription, once they have what
+        was published before: their streams end."""
+        self.finish()
         subs = {sub for subs in self._channels.values() for sub in subs}
         self._changed.update(self._channels)
         self.version += 1

@@ -48,16 +48,17 @@ class MemoryStore:
         # In the order of their last event, so the quiet ones come first.
         self._channels: dict[str, _History] = {}
         self._started = (int(time.time() * 1000), 0)
-        # Just below the first id this store may issue.
-        self._last = (self._started[0], -1)
+        #: The order of the newest event, or just below the first this
+        #: store may issue.
+        self.last = (self._started[0], -1)
 
     def append(self, channel: str, event: Event) -> Message:
         """Store ``event`` and order it; it gets an id unless it has one."""
         if event.id is not None:
             check_given_id(event.id)
-        ms, seq = self._last
+        ms, seq = self.last
         now = int(time.time() * 1000)
-        order = self._last = (now, 0) if now > ms else (ms, seq + 1)
+        order = self.last = (now, 0) if now > ms else (ms, seq + 1)
         if event.id is None:
             event = dataclasses.replace(event, id=f"{order[0]}-{order[1]}")
         self._drop_quiet()
@@ -89,7 +90,7 @@ class MemoryStore:
         except ValueError:
             return replay(last_id, [], lost=True)
         lost = (
-            not self._started <= after <= self._last
+            not self._started <= after <= self.last
             or any(h is None and expired(after, self.ttl) for h in kept)
             or any(h is not None and h.evicted > after for h in kept)
         )
@@ -149,6 +150,9 @@ class MemoryBroker(Broker):
         last_id = subscription.last_event_id
         with self.fanout.lock:
             self.fanout.add(subscription)
+            # Events published before and not yet delivered are in the
+            # replay, or older than the subscription.
+            subscription.skip_through(self.store.last)
             if last_id is None:
                 return []
             return self.store.read_after(subscription.channels, last_id)
