@@ -188,6 +188,27 @@ class EventStreamBody:
     leave in one write.
     """
 
+    # One per stream: slots keep an idle stream small.
+    __slots__ = (
+        "_cleanups",
+        "_closed",
+        "_ends_at",
+        "_heartbeat",
+        "_keep_alive",
+        "_max_age",
+        "_next_beat",
+        "_opening",
+        "_reason",
+        "_rest",
+        "_watcher",
+        "kind",
+        "send_timeout",
+        "socket",
+        "source",
+        "writer",
+        "writing_since",
+    )
+
     def __init__(
         self,
         source: StreamSource,

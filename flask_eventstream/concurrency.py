@@ -10,7 +10,6 @@ from __future__ import annotations
 import _thread
 import abc
 import contextvars
-import functools
 import os
 import select
 import sys
@@ -177,26 +176,26 @@ class _Signal:
     __slots__ = (
         "_after",
         "_backend",
-        "_expire",
         "_flag",
         "_hub",
         "_scheduled",
+        "_switch",
         "_timer",
         "_waiter",
-        "_wake",
     )
 
     def __init__(self, backend: GeventBackend, hub: t.Any) -> None:
         self._flag = False
         self._backend = backend
         self._hub = hub
-        # The waiter, its two callbacks and the timer are made on the first
+        # The waiter, its callback and the timer are made on the first
         # wait and kept: made per wait, they lived until the next event and
         # were promoted to the oldest generation, where a thousand per event
         # made the worker's full garbage collections frequent.
         self._waiter: t.Any = None
-        self._wake: cabc.Callable[[], None] | None = None
-        self._expire: cabc.Callable[[], None] | None = None
+        # The waiter's switch_args, bound once: what both the wake-up and
+        # the timer call. The wait tells them apart by the flag.
+        self._switch: cabc.Callable[[], None] | None = None
         self._timer: t.Any = None
         self._after = 0.0
         self._scheduled = False
@@ -218,7 +217,7 @@ class _Signal:
         if self._scheduled or self._waiter is None or self._waiter.greenlet is None:
             return
         self._scheduled = True
-        self._hub.loop.run_callback(self._wake)
+        self._hub.loop.run_callback(self._switch)
 
     def wait(self, timeout: float | None = None) -> bool:
         if self._flag:
@@ -228,8 +227,7 @@ class _Signal:
         waiter = self._waiter
         if waiter is None:
             waiter = self._waiter = self._backend.waiter(self._hub)
-            self._wake = functools.partial(waiter.switch, True)
-            self._expire = functools.partial(waiter.switch, False)
+            self._switch = waiter.switch_args
         timer = None
         if timeout is not None:
             timer = self._timer
@@ -240,12 +238,13 @@ class _Signal:
                 # interval; a plain start() would resume the time left.
                 timer = self._timer = self._hub.loop.timer(timeout, timeout)
                 self._after = timeout
-            timer.again(self._expire)
+            timer.again(self._switch)
         try:
             # Raises ConcurrentObjectUseError if another greenlet waits. A
             # wake-up scheduled for an earlier wait that timed out may still
             # arrive; waiters treat a wait that returns True as a hint.
-            return bool(waiter.get())
+            waiter.get()
+            return self._flag
         finally:
             if timer is not None:
                 timer.stop()
@@ -334,9 +333,9 @@ class Mailbox(t.Generic[_T]):
 
     # One per stream: slots keep an idle stream small.
     __slots__ = (
+        "_backend",
         "_items",
         "_lock",
-        "_new_event",
         "_ready",
         "_space",
         "_taker_idle",
@@ -352,7 +351,9 @@ class Mailbox(t.Generic[_T]):
         # empty list is a tenth of an empty deque, per subscriber.
         self._items: list[_T] = []
         self._lock = os_lock()
-        self._new_event = backend.event
+        # The backend, not its bound ``event``: a bound method is an object
+        # per mailbox.
+        self._backend = backend
         self._ready = backend.event()
         # Made on the first put that has to wait; subscribers never do.
         self._space: Waitable | None = None
@@ -401,7 +402,7 @@ class Mailbox(t.Generic[_T]):
                     self._ready.set()
                     return True
                 if self._space is None:
-                    self._space = self._new_event()
+                    self._space = self._backend.event()
                 space = self._space
                 space.clear()
             space.wait()
