@@ -44,12 +44,13 @@ class Frames:
         when they were written, for keep-alives.
     """
 
-    __slots__ = ("_chunk", "at", "data")
+    __slots__ = ("_chunk", "_chunk_size", "at", "data")
 
     def __init__(self, data: bytes, at: float) -> None:
         self.data = data
         self.at = at
         self._chunk: tuple[bytes, bytes, bytes] | None = None
+        self._chunk_size = 0
 
     @classmethod
     def join(cls, pieces: list[bytes], at: float) -> Frames:
@@ -66,7 +67,12 @@ class Frames:
             return (self.data,)
         if self._chunk is None:
             self._chunk = (b"%x\r\n" % len(self.data), self.data, _CRLF)
+            self._chunk_size = len(self._chunk[0]) + len(self.data) + 2
         return self._chunk
+
+    def size(self, chunked: bool) -> int:
+        """How many bytes :meth:`parts` has, once it was called."""
+        return self._chunk_size if chunked else len(self.data)
 
 
 class SocketWriter:
@@ -103,7 +109,7 @@ class SocketWriter:
             # A full buffer, or a client that left: the stream's own write
             # waits for the one and meets the other again.
             sent = 0
-        if sent == sum(map(len, parts)):
+        if sent == frames.size(self._chunked):
             self.wrote_at = frames.at
             return True
         self.rest = b"".join(parts)[sent:]

@@ -495,20 +495,31 @@ def test_events_published_before_the_loop_runs_go_out_in_one_write(
 
 
 def test_events_published_during_a_flush_follow_it_in_order(
-    streams: Streams,
+    streams: Streams, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import gevent
 
     from flask_eventstream.brokers.fanout import FLUSH_SLICE
 
     assert len(streams.subs) > 2 * FLUSH_SLICE
+    let_others_run = streams.backend.let_others_run
+    pauses: list[int] = []
+
+    def publisher_runs() -> None:
+        # A publishing request, answered while the flush lets the loop run
+        # after its first slice.
+        if not pauses:
+            streams.publish("c", "second")
+        pauses.append(len(pauses))
+        let_others_run()
+
+    monkeypatch.setattr(streams.backend, "let_others_run", publisher_runs)
     streams.publish("c", "first")
-    # Runs once the flush lets the loop run after its first slice.
-    late = gevent.spawn(streams.publish, "c", "second")
     gevent.sleep(0.05)
-    assert late.successful()
     got = [streams.received(index) for index in range(len(streams.subs))]
     assert got == [["first", "second"]] * len(streams.subs)
+    # Each flush let the loop run after each of its 3 slices.
+    assert len(pauses) == 6
 
 
 def test_subscription_made_before_a_flush_gets_no_earlier_event_live(
