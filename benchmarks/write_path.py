@@ -73,7 +73,8 @@ def measure(
     descriptors = [sock.fileno() for sock in ours]
     buffer = bytearray(1 << 20)
     items: list[object] = [None] * events
-    through, bare = [], []
+    through: list[float] = []
+    bare: list[float] = []
 
     def time_through(frames: Frames) -> float:
         start = time.perf_counter()
