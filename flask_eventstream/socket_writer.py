@@ -71,7 +71,9 @@ class Frames:
         return self._chunk
 
     def size(self, chunked: bool) -> int:
-        """How many bytes :meth:`parts` has, once it was called."""
+        """How many bytes :meth:`parts` has."""
+        if chunked and self._chunk is None:
+            self.parts(chunked)
         return self._chunk_size if chunked else len(self.data)
 
 
