@@ -437,14 +437,14 @@ class Streams:
         return sub._mailbox
 
     def subscribe(
-        self, channel: str, last_id: str | None = None, idle: bool = True
+        self, *channels: str, last_id: str | None = None, idle: bool = True
     ) -> Subscription:
         import gevent
 
         from flask_eventstream.brokers.fanout import Subscription
 
         ours, theirs = _pair(1 << 20)
-        sub = Subscription(self.broker, [channel], last_id, 1000)
+        sub = Subscription(self.broker, channels, last_id, 1000)
         sub.start(self.backend)
         sub.write_through(SocketWriter(ours, chunked=False))
         self.subs.append(sub)
@@ -494,16 +494,19 @@ def test_events_published_before_the_loop_runs_go_out_in_one_write(
     assert not any(taker.dead for taker in streams.takers)
 
 
-def test_events_published_during_a_flush_follow_it_in_order(
+def test_events_published_during_a_flush_reach_the_rest_of_it(
     streams: Streams, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import gevent
 
     from flask_eventstream.brokers.fanout import FLUSH_SLICE
+    from flask_eventstream.brokers.fanout import Subscription
 
     assert len(streams.subs) > 2 * FLUSH_SLICE
     let_others_run = streams.backend.let_others_run
     pauses: list[int] = []
+    deliver = Subscription.deliver
+    writes: dict[int, list[list[str]]] = {id(sub): [] for sub in streams.subs}
 
     def publisher_runs() -> None:
         # A publishing request, answered while the flush lets the loop run
@@ -513,13 +516,53 @@ def test_events_published_during_a_flush_follow_it_in_order(
         pauses.append(len(pauses))
         let_others_run()
 
+    def recorded(sub: Subscription, messages: list[Message], frames: Frames) -> int:
+        writes[id(sub)].append([m.event.data for m in messages])
+        return deliver(sub, messages, frames)
+
     monkeypatch.setattr(streams.backend, "let_others_run", publisher_runs)
+    monkeypatch.setattr(Subscription, "deliver", recorded)
     streams.publish("c", "first")
     gevent.sleep(0.05)
     got = [streams.received(index) for index in range(len(streams.subs))]
     assert got == [["first", "second"]] * len(streams.subs)
-    # Each flush let the loop run after each of its 3 slices.
-    assert len(pauses) == 6
+    # The subscriptions of the first slice get the second event at the end
+    # of the flush; the others get both events in one write.
+    served_first = [[["first"], ["second"]]] * FLUSH_SLICE
+    rest = [[["first", "second"]]] * (len(streams.subs) - FLUSH_SLICE)
+    assert sorted(writes.values(), key=len, reverse=True) == served_first + rest
+    # One flush: 250 + 100 deliveries in slices of 100.
+    assert len(pauses) == 4
+
+
+def test_a_flush_adds_new_events_in_order_for_every_kind_of_subscription(
+    streams: Streams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gevent
+
+    both = streams.subscribe("c", "d")
+    gevent.sleep(0.01)
+    assert streams.mailbox(both)._taker_idle
+    let_others_run = streams.backend.let_others_run
+    late: list[Subscription] = []
+
+    def publisher_runs() -> None:
+        if not late:
+            late.append(streams.subscribe("c", idle=False))
+            streams.publish("d", "second")
+            streams.publish("c", "third")
+        let_others_run()
+
+    monkeypatch.setattr(streams.backend, "let_others_run", publisher_runs)
+    streams.publish("c", "first")
+    gevent.sleep(0.05)
+    # The subscription to both channels, served last, gets the three in
+    # the order they were published.
+    assert streams.received(len(streams.subs) - 2) == ["first", "second", "third"]
+    # Made after "first" was planned: it gets only what came after it.
+    assert [m.event.data for m in streams.mailbox(late[0]).take(0)] == ["third"]
+    for index in range(len(streams.subs) - 2):
+        assert streams.received(index) == ["first", "third"]
 
 
 def test_subscription_made_before_a_flush_gets_no_earlier_event_live(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -203,13 +204,13 @@ class FanOut:
 
     Under threads an event is delivered as it is published. Under gevent,
     events are delivered by a flush once the publisher lets the loop run:
-    the flush serves each subscription once, with every event for it
-    published meanwhile, and lets the loop run between slices of
-    subscriptions, so that publishers go on meanwhile and their events go
-    out with the next flush. A flush costs a write per subscriber, however
-    many events it carries; so the more is published, the more each write
-    carries, and the publishing rate a worker keeps up with is not bound by
-    the number of its subscribers.
+    the flush serves each subscription with every event due to it in one
+    write, and lets the loop run between slices of subscriptions, so that
+    publishers go on meanwhile. What they publish is added to what the
+    subscriptions not served yet are due, and the subscriptions served
+    already are served again at the end of the flush. So an event waits
+    for at most one pass over the subscribers, and the more is published,
+    the more each write carries.
 
     Every method expects :attr:`lock` to be held, so that a broker makes a
     step of its store and one of the fan-out a single step.
@@ -228,9 +229,12 @@ class FanOut:
         self.version = 0
         # Published and not yet handed to a flush, in order.
         self._published: list[tuple[str, Message]] = []
-        # What the flush has yet to hand over: each subscription once, with
-        # its events.
-        self._due: list[tuple[Subscription, list[Message], Frames]] = []
+        # The subscriptions the flush has yet to serve, served from the
+        # right; those that get events once served come in on the left.
+        self._due: collections.deque[Subscription] = collections.deque()
+        # What each of them is due: subscriptions to one channel planned
+        # together share a batch.
+        self._batches: dict[Subscription, _Batch] = {}
         # The process whose flush runs, if one does: a forked worker starts
         # with none, whatever its parent was doing.
         self._flushing_in: int | None = None
@@ -289,7 +293,6 @@ class FanOut:
 
     def finish(self) -> None:
         """Hand everything published so far to the subscriptions, now."""
-        self._serve(len(self._due))
         self._plan()
         self._serve(len(self._due))
 
@@ -302,11 +305,12 @@ class FanOut:
         try:
             while True:
                 with self.lock:
+                    # Published during the last slice: what the flush has
+                    # not reached yet gets it in this flush.
+                    self._plan()
                     if not self._due:
-                        self._plan()
-                        if not self._due:
-                            self._flushing_in = None
-                            return
+                        self._flushing_in = None
+                        return
                     self._serve(FLUSH_SLICE)
                 backend.let_others_run()
         except BaseException as e:
@@ -318,36 +322,55 @@ class FanOut:
             logger.exception("Delivering events failed; the next publish goes on.")
 
     def _plan(self) -> None:
-        # The events of one channel are joined once, for all its
-        # subscriptions; a subscription to several channels gets its own.
+        # A subscription still due gets the new events after those it was
+        # due, in the same write; one served already gets them later in
+        # this flush. The events of one channel are added once for all its
+        # subscriptions; a subscription to several channels has its own.
+        if not self._published:
+            return
         published, self._published = self._published, []
         by_channel: dict[str, list[Message]] = {}
         for channel, message in published:
             by_channel.setdefault(channel, []).append(message)
-        now = time.monotonic()
+        batches, due = self._batches, self._due
         mixed: set[Subscription] = set()
         for channel, messages in by_channel.items():
-            frames = Frames.join([m.data for m in messages], now)
+            fresh: _Batch | None = None
+            extended: set[_Batch] = set()
             for sub in self._channels.get(channel, ()):
-                if len(sub.channels) == 1:
-                    self._due.append((sub, messages, frames))
-                else:
+                if len(sub.channels) > 1:
                     mixed.add(sub)
+                    continue
+                batch = batches.get(sub)
+                if batch is None:
+                    if fresh is None:
+                        fresh = _Batch(messages)
+                    batches[sub] = fresh
+                    due.appendleft(sub)
+                elif batch not in extended:
+                    extended.add(batch)
+                    batch.extend(messages)
         for sub in mixed:
             mine = [m for c, m in published if c in sub.channels]
-            self._due.append((sub, mine, Frames.join([m.data for m in mine], now)))
+            batch = batches.get(sub)
+            if batch is None:
+                batches[sub] = _Batch(mine)
+                due.appendleft(sub)
+            else:
+                batch.extend(mine)
 
     def _serve(self, count: int) -> None:
-        due = self._due
+        due, batches = self._due, self._batches
         if not due:
             return
         delivered = 0
         ended = []
         for _ in range(min(count, len(due))):
-            sub, messages, frames = due.pop()
-            taken = sub.deliver(messages, frames)
+            sub = due.pop()
+            batch = batches.pop(sub)
+            taken = sub.deliver(batch.messages, batch.frames())
             delivered += taken
-            if taken < len(messages):
+            if taken < len(batch.messages):
                 ended.append(sub)
         metrics.hooks.delivered(delivered)
         for sub in ended:
@@ -378,3 +401,24 @@ class FanOut:
     def stats(self) -> dict[str, t.Any]:
         channels = {name: len(subs) for name, subs in self._channels.items()}
         return {"subscriptions": self._count, "channels": channels}
+
+
+class _Batch:
+    """Events due to one or more subscriptions, and their bytes once joined."""
+
+    __slots__ = ("_frames", "messages")
+
+    def __init__(self, messages: list[Message]) -> None:
+        self.messages = messages
+        self._frames: Frames | None = None
+
+    def extend(self, messages: list[Message]) -> None:
+        # A new list: a subscription served already may hold the old one.
+        self.messages = self.messages + messages
+        self._frames = None
+
+    def frames(self) -> Frames:
+        if self._frames is None:
+            data = [m.data for m in self.messages]
+            self._frames = Frames.join(data, time.monotonic())
+        return self._frames
