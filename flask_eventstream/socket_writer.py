@@ -56,8 +56,8 @@ class Frames:
 
     def framed(self, chunked: bool) -> bytes:
         """The bytes to write, as gunicorn frames a chunk, or as they are
-        for HTTP/1.0; none for no bytes, as an empty chunk would end the
-        response."""
+        for HTTP/1.0; empty if :attr:`data` is, as an empty chunk would end
+        the response."""
         if not chunked or not self.data:
             return self.data
         if self._chunk is None:
