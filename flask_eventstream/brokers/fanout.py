@@ -280,7 +280,8 @@ class FanOut:
 
     def deliver(self, channel: str, message: Message) -> None:
         """Hand ``message`` to every subscription of ``channel``: at once
-        under threads, with the next flush under gevent."""
+        under threads; under gevent, with the flush that runs (it joins
+        at the flush's next pause) or else with one started for it."""
         if channel not in self._channels:
             return
         self._published.append((channel, message))
