@@ -19,6 +19,8 @@ import pytest
 import requests
 
 if t.TYPE_CHECKING:
+    import collections.abc as cabc
+
     from flask_eventstream.brokers.base import Message
     from flask_eventstream.brokers.fanout import Subscription
 
@@ -412,7 +414,6 @@ class Streams:
     def __init__(
         self, monkeypatch: pytest.MonkeyPatch, count: int, channel: str = "c"
     ) -> None:
-        import gevent
 
         from flask_eventstream.brokers.memory import MemoryBroker
         from flask_eventstream.concurrency import GeventBackend
@@ -428,8 +429,26 @@ class Streams:
         self.takers: list[t.Any] = []
         for _ in range(count):
             self.subscribe(channel)
-        gevent.sleep(0.01)
-        assert all(self.mailbox(sub)._taker_idle for sub in self.subs)
+        self.wait_until(self.idle, "every stream to wait idle")
+
+    def wait_until(self, done: cabc.Callable[[], bool], what: str) -> None:
+        """Let the loop run until ``done()``; fail, naming ``what``, if that
+        takes more than 5 s."""
+        import gevent
+
+        deadline = time.monotonic() + 5
+        while not done():
+            assert time.monotonic() < deadline, f"waited 5 s for {what}"
+            gevent.sleep(0.001)
+
+    def idle(self, *subs: Subscription) -> bool:
+        """Whether the greenlets reading ``subs`` (default: all) wait idle."""
+        return all(self.mailbox(sub)._taker_idle for sub in subs or self.subs)
+
+    def flushed(self) -> None:
+        """Let the loop run until the fan-out's flush has finished."""
+        fanout = self.broker.fanout
+        self.wait_until(lambda: fanout._flushing_in is None, "the flush to finish")
 
     @staticmethod
     def mailbox(sub: Subscription) -> Mailbox[Message]:
@@ -481,13 +500,12 @@ def streams(monkeypatch: pytest.MonkeyPatch) -> t.Iterator[Streams]:
 def test_events_published_before_the_loop_runs_go_out_in_one_write(
     streams: Streams,
 ) -> None:
-    import gevent
 
     for n in range(3):
         streams.publish("c", f"e{n}")
     # Nothing is written while the publisher runs: it has not waited yet.
     assert streams.received(0) == []
-    gevent.sleep(0.05)
+    streams.flushed()
     for index in range(len(streams.subs)):
         assert streams.received(index) == ["e0", "e1", "e2"]
     # The streams' greenlets were never woken.
@@ -497,7 +515,6 @@ def test_events_published_before_the_loop_runs_go_out_in_one_write(
 def test_events_published_during_a_flush_reach_the_rest_of_it(
     streams: Streams, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gevent
 
     from flask_eventstream.brokers.fanout import FLUSH_SLICE
     from flask_eventstream.brokers.fanout import Subscription
@@ -523,7 +540,7 @@ def test_events_published_during_a_flush_reach_the_rest_of_it(
     monkeypatch.setattr(streams.backend, "let_others_run", publisher_runs)
     monkeypatch.setattr(Subscription, "deliver", recorded)
     streams.publish("c", "first")
-    gevent.sleep(0.05)
+    streams.flushed()
     got = [streams.received(index) for index in range(len(streams.subs))]
     assert got == [["first", "second"]] * len(streams.subs)
     # The subscriptions of the first slice get the second event at the end
@@ -538,11 +555,9 @@ def test_events_published_during_a_flush_reach_the_rest_of_it(
 def test_a_flush_adds_new_events_in_order_for_every_kind_of_subscription(
     streams: Streams, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gevent
 
     both = streams.subscribe("c", "d")
-    gevent.sleep(0.01)
-    assert streams.mailbox(both)._taker_idle
+    streams.wait_until(lambda: streams.idle(both), "the new stream to wait idle")
     let_others_run = streams.backend.let_others_run
     late: list[Subscription] = []
 
@@ -555,7 +570,7 @@ def test_a_flush_adds_new_events_in_order_for_every_kind_of_subscription(
 
     monkeypatch.setattr(streams.backend, "let_others_run", publisher_runs)
     streams.publish("c", "first")
-    gevent.sleep(0.05)
+    streams.flushed()
     # The subscription to both channels, served last, gets the three in
     # the order they were published.
     assert streams.received(streams.subs.index(both)) == ["first", "second", "third"]
@@ -568,10 +583,9 @@ def test_a_flush_adds_new_events_in_order_for_every_kind_of_subscription(
 def test_subscription_made_before_a_flush_gets_no_earlier_event_live(
     streams: Streams,
 ) -> None:
-    import gevent
 
     before = streams.publish("c", "before")
-    gevent.sleep(0.05)
+    streams.flushed()
     assert streams.received(0) == ["before"]
     streams.publish("c", "published")
     # Attached while "published" waits for the flush: it comes in the
@@ -579,7 +593,7 @@ def test_subscription_made_before_a_flush_gets_no_earlier_event_live(
     replayed = streams.subscribe("c", last_id=before, idle=False)
     fresh = streams.subscribe("c", idle=False)
     streams.publish("c", "after")
-    gevent.sleep(0.05)
+    streams.flushed()
     assert streams.received(0) == ["published", "after"]
     replay = EventParser().feed(b"".join(replayed.take(0)))
     assert [e.data for e in replay] == ["published"]
@@ -588,12 +602,12 @@ def test_subscription_made_before_a_flush_gets_no_earlier_event_live(
 
 
 def test_disconnect_delivers_what_was_published_before(streams: Streams) -> None:
-    import gevent
 
     streams.publish("c", "last words")
     streams.broker.disconnect(["c"])
-    gevent.sleep(0.05)
-    assert all(taker.dead for taker in streams.takers)
+    streams.wait_until(
+        lambda: all(taker.dead for taker in streams.takers), "every stream to end"
+    )
     for index in range(len(streams.subs)):
         assert streams.received(index) == ["last words"]
 
@@ -601,7 +615,6 @@ def test_disconnect_delivers_what_was_published_before(streams: Streams) -> None
 def test_flush_that_fails_is_logged_and_the_next_publish_goes_on(
     streams: Streams, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import gevent
 
     from flask_eventstream.brokers.fanout import Subscription
 
@@ -615,10 +628,10 @@ def test_flush_that_fails_is_logged_and_the_next_publish_goes_on(
 
     monkeypatch.setattr(Subscription, "deliver", fails_once)
     streams.publish("c", "lost for one")
-    gevent.sleep(0.05)
+    streams.flushed()
     assert "Delivering events failed" in caplog.text
     streams.publish("c", "next")
-    gevent.sleep(0.05)
+    streams.flushed()
     got = [streams.received(index) for index in range(len(streams.subs))]
     assert sorted(map(len, got)) == [1] + [2] * (len(streams.subs) - 1)
     assert all(events[-1] == "next" for events in got)
