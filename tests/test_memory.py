@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import typing as t
 
 import pytest
@@ -79,6 +80,44 @@ def test_history_is_bounded_per_channel() -> None:
     broker.publish("b", Event("b"))
     sub = started(broker, "a", last=ids[3])
     assert [e.data for e in received(sub)] == ["4", "5", "6", "7"]
+
+
+@pytest.mark.parametrize("kind", ["text", "json"])
+def test_history_moves_nothing_into_the_oldest_generation(kind: str) -> None:
+    """A thousand events in history leave nothing for the garbage collector
+    to promote to its oldest generation: a busy channel would otherwise
+    bring on collections of that generation, which pause every stream."""
+    broker = MemoryBroker(history=1000)
+    broker.publish("a", Event("first"))
+    gc.collect()
+    gc.disable()
+    try:
+        before = len(gc.get_objects(generation=2))
+        for n in range(1000):
+            data = f"event {n}" if kind == "text" else {"author": "ann", "n": n}
+            broker.publish("a", Event(data, event="chat"))
+        # What survives a collection of each young generation is promoted.
+        gc.collect(0)
+        gc.collect(1)
+        promoted = len(gc.get_objects(generation=2)) - before
+    finally:
+        gc.enable()
+    assert promoted < 50
+
+
+def test_replay_gives_back_every_field_of_the_event() -> None:
+    """A replayed event equals the one published, with its id."""
+    broker = MemoryBroker()
+    first = broker.publish("a", Event("x"))
+    data = {"text": "hi", "tags": ["a"]}
+    given = Event(data, event="chat", id="m-1", retry=500, comment="c")
+    broker.publish("a", given)
+    plain = Event("plain")
+    plain_id = broker.publish("a", plain)
+    sub = broker.subscribe(["a"], first)
+    events = iter(sub)
+    assert [next(events), next(events)] == [given, Event("plain", id=plain_id)]
+    sub.interrupt()
 
 
 def test_replay_merges_channels_in_id_order() -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import operator
 import time
 import typing as t
 
 from .. import metrics
+from ..event import Event
 from .base import Broker
 from .base import check_given_id
 from .base import DEFAULT_HISTORY_TTL_SECONDS
@@ -19,15 +21,38 @@ from .base import replay
 if t.TYPE_CHECKING:
     import collections.abc as cabc
 
-    from ..event import Event
     from .fanout import Subscription
+
+#: The names of an event's fields besides its data, in the order history
+#: keeps their values.
+_FIELDS = tuple(f.name for f in dataclasses.fields(Event) if f.name != "data")
+_field_values = operator.attrgetter(*_FIELDS)
+_ID = _FIELDS.index("id")
+
+# History keeps each event as plain values, not as its Message and Event:
+# (order, wire bytes, the other fields' values) in one deque, and its data,
+# as given, in another. The garbage collector stops tracking a tuple of
+# plain values once it has seen it, and never tracks text or a dict of
+# plain values, while it tracks an instance of a class for as long as it
+# lives. Kept as objects, a busy channel's history would move two objects
+# per event into the collector's oldest generation, whose collections then
+# come every few seconds and pause every stream of the worker for tens of
+# milliseconds.
+_Kept = tuple[tuple[int, int], bytes, tuple[t.Any, ...]]
+
+
+def _message(kept: _Kept, data: t.Any) -> Message:
+    order, wire, values = kept
+    return Message(Event(data, **dict(zip(_FIELDS, values, strict=True))), wire, order)
 
 
 class _History:
-    __slots__ = ("evicted", "given", "messages", "touched")
+    __slots__ = ("data", "events", "evicted", "given", "touched")
 
     def __init__(self, size: int) -> None:
-        self.messages: collections.deque[Message] = collections.deque(maxlen=size)
+        # In step: the nth of each is the same event's.
+        self.events: collections.deque[_Kept] = collections.deque(maxlen=size)
+        self.data: collections.deque[t.Any] = collections.deque(maxlen=size)
         # The order of each event in history whose id the app gave.
         self.given: dict[str, tuple[int, int]] = {}
         # The newest event that the channel's history no longer holds.
@@ -66,13 +91,14 @@ class MemoryStore:
         kept: _History | None = self._channels.pop(channel, None)
         kept = self._channels[channel] = kept or _History(self.history)
         kept.touched = time.monotonic()
-        if len(kept.messages) == self.history:
-            gone = kept.messages[0]
-            kept.evicted = gone.order
-            if kept.given.get(t.cast(str, gone.event.id)) == gone.order:
-                del kept.given[t.cast(str, gone.event.id)]
+        if len(kept.events) == self.history:
+            gone_order, _, gone_values = kept.events[0]
+            kept.evicted = gone_order
+            if kept.given.get(gone_values[_ID]) == gone_order:
+                del kept.given[gone_values[_ID]]
         message = Message.of(event, order)
-        kept.messages.append(message)
+        kept.events.append((order, message.data, _field_values(event)))
+        kept.data.append(event.data)
         if event.id is not None and event.id != f"{order[0]}-{order[1]}":
             kept.given[event.id] = order
         return message
@@ -94,7 +120,7 @@ class MemoryStore:
             or any(h is None and expired(after, self.ttl) for h in kept)
             or any(h is not None and h.evicted > after for h in kept)
         )
-        runs = [_newer(h.messages, after) for h in kept if h is not None]
+        runs = [_newer(h, after) for h in kept if h is not None]
         return replay(last_id, runs, lost)
 
     def _drop_quiet(self) -> None:
@@ -106,14 +132,13 @@ class MemoryStore:
             del self._channels[channel]
 
 
-def _newer(
-    messages: collections.deque[Message], after: tuple[int, int]
-) -> list[Message]:
+def _newer(history: _History, after: tuple[int, int]) -> list[Message]:
     newer = []
-    for message in reversed(messages):
-        if message.order <= after:
+    events, data = reversed(history.events), reversed(history.data)
+    for kept, value in zip(events, data, strict=True):
+        if kept[0] <= after:
             break
-        newer.append(message)
+        newer.append(_message(kept, value))
     newer.reverse()
     return newer
 
