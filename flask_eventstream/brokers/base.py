@@ -9,7 +9,6 @@ a :class:`Message`; every subscriber's queue holds the same bytes.
 from __future__ import annotations
 
 import abc
-import dataclasses
 import heapq
 import re
 import time
@@ -80,13 +79,22 @@ def check_channel(name: object) -> str:
     return name
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class Message:
     """An event as it is fanned out: the event, its wire bytes, its order."""
 
-    event: Event
-    data: bytes
-    order: tuple[int, int]
+    # A plain class rather than a frozen dataclass: one is made per event
+    # published, and per event replayed, and this is a third of the cost.
+    __slots__ = ("_event", "data", "order")
+
+    def __init__(self, event: Event, data: bytes, order: tuple[int, int]) -> None:
+        self._event = event
+        self.data = data
+        self.order = order
+
+    @property
+    def event(self) -> Event:
+        """The event, as published."""
+        return self._event
 
     @classmethod
     def of(cls, event: Event, order: tuple[int, int] = (0, 0)) -> Message:

@@ -30,8 +30,8 @@ _field_values = operator.attrgetter(*_FIELDS)
 _ID = _FIELDS.index("id")
 
 # History keeps each event as plain values, not as its Message and Event:
-# (order, wire bytes, the other fields' values) in one deque, and its data,
-# as given, in another. The garbage collector stops tracking a tuple of
+# (order, wire bytes, the other fields' values) in one deque, and its data
+# (its payload), as given, in another. The garbage collector stops tracking a tuple of
 # plain values once it has seen it, and never tracks text or a dict of
 # plain values, while it tracks an instance of a class for as long as it
 # lives. Kept as objects, a busy channel's history would move two objects
@@ -41,18 +41,28 @@ _ID = _FIELDS.index("id")
 _Kept = tuple[tuple[int, int], bytes, tuple[t.Any, ...]]
 
 
-def _message(kept: _Kept, data: t.Any) -> Message:
-    order, wire, values = kept
-    return Message(Event(data, **dict(zip(_FIELDS, values, strict=True))), wire, order)
+class _Replayed(Message):
+    """An event from history: its Event is made again only when asked for,
+    which a stream, that sends the bytes, never does."""
+
+    __slots__ = ("_payload", "_values")
+
+    def __init__(self, kept: _Kept, payload: t.Any) -> None:
+        self.order, self.data, self._values = kept
+        self._payload = payload
+
+    @property
+    def event(self) -> Event:
+        return Event(self._payload, **dict(zip(_FIELDS, self._values, strict=True)))
 
 
 class _History:
-    __slots__ = ("data", "events", "evicted", "given", "touched")
+    __slots__ = ("events", "evicted", "given", "payloads", "touched")
 
     def __init__(self, size: int) -> None:
         # In step: the nth of each is the same event's.
         self.events: collections.deque[_Kept] = collections.deque(maxlen=size)
-        self.data: collections.deque[t.Any] = collections.deque(maxlen=size)
+        self.payloads: collections.deque[t.Any] = collections.deque(maxlen=size)
         # The order of each event in history whose id the app gave.
         self.given: dict[str, tuple[int, int]] = {}
         # The newest event that the channel's history no longer holds.
@@ -98,7 +108,7 @@ class MemoryStore:
                 del kept.given[gone_values[_ID]]
         message = Message.of(event, order)
         kept.events.append((order, message.data, _field_values(event)))
-        kept.data.append(event.data)
+        kept.payloads.append(event.data)
         if event.id is not None and event.id != f"{order[0]}-{order[1]}":
             kept.given[event.id] = order
         return message
@@ -133,12 +143,12 @@ class MemoryStore:
 
 
 def _newer(history: _History, after: tuple[int, int]) -> list[Message]:
-    newer = []
-    events, data = reversed(history.events), reversed(history.data)
-    for kept, value in zip(events, data, strict=True):
+    newer: list[Message] = []
+    events, payloads = reversed(history.events), reversed(history.payloads)
+    for kept, payload in zip(events, payloads, strict=True):
         if kept[0] <= after:
             break
-        newer.append(_message(kept, value))
+        newer.append(_Replayed(kept, payload))
     newer.reverse()
     return newer
 
