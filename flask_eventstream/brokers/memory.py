@@ -48,6 +48,8 @@ class _Replayed(Message):
     __slots__ = ("_payload", "_values")
 
     def __init__(self, kept: _Kept, payload: t.Any) -> None:
+        # Not Message's constructor: there is no Event to give it, and the
+        # property below takes the place of the one that would return it.
         self.order, self.data, self._values = kept
         self._payload = payload
 
