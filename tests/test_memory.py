@@ -118,6 +118,18 @@ def test_replay_gives_back_every_field_of_the_event() -> None:
     events = iter(sub)
     assert [next(events), next(events)] == [given, Event("plain", id=plain_id)]
     sub.interrupt()
+    assert list(events) == []
+
+
+def test_given_ids_are_forgotten_with_their_events() -> None:
+    """History holds the ids an app gave only for the events it still
+    holds, so a channel whose every event has an id of its own stays
+    bounded."""
+    broker = MemoryBroker(history=5)
+    for n in range(20):
+        broker.publish("a", Event(str(n), id=f"k{n}"))
+    given = broker.store._channels["a"].given
+    assert sorted(given) == [f"k{n}" for n in range(15, 20)]
 
 
 def test_replay_merges_channels_in_id_order() -> None:
