@@ -31,13 +31,13 @@ _ID = _FIELDS.index("id")
 
 # History keeps each event as plain values, not as its Message and Event:
 # (order, wire bytes, the other fields' values) in one deque, and its data
-# (its payload), as given, in another. The garbage collector stops tracking a tuple of
-# plain values once it has seen it, and never tracks text or a dict of
-# plain values, while it tracks an instance of a class for as long as it
-# lives. Kept as objects, a busy channel's history would move two objects
-# per event into the collector's oldest generation, whose collections then
-# come every few seconds and pause every stream of the worker for tens of
-# milliseconds.
+# (its payload), as given, in another. The garbage collector stops
+# tracking a tuple of plain values once it has seen it, and never tracks
+# text or a dict of plain values, while it tracks an instance of a class
+# for as long as it lives. Kept as objects, a busy channel's history would
+# move two objects per event into the collector's oldest generation, whose
+# collections then come every few seconds and pause every stream of the
+# worker for tens of milliseconds.
 _Kept = tuple[tuple[int, int], bytes, tuple[t.Any, ...]]
 
 
