@@ -414,7 +414,6 @@ class Streams:
     def __init__(
         self, monkeypatch: pytest.MonkeyPatch, count: int, channel: str = "c"
     ) -> None:
-
         from flask_eventstream.brokers.memory import MemoryBroker
         from flask_eventstream.concurrency import GeventBackend
 
@@ -500,7 +499,6 @@ def streams(monkeypatch: pytest.MonkeyPatch) -> t.Iterator[Streams]:
 def test_events_published_before_the_loop_runs_go_out_in_one_write(
     streams: Streams,
 ) -> None:
-
     for n in range(3):
         streams.publish("c", f"e{n}")
     # Nothing is written while the publisher runs: it has not waited yet.
@@ -515,7 +513,6 @@ def test_events_published_before_the_loop_runs_go_out_in_one_write(
 def test_events_published_during_a_flush_reach_the_rest_of_it(
     streams: Streams, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-
     from flask_eventstream.brokers.fanout import FLUSH_SLICE
     from flask_eventstream.brokers.fanout import Subscription
 
@@ -555,7 +552,6 @@ def test_events_published_during_a_flush_reach_the_rest_of_it(
 def test_a_flush_adds_new_events_in_order_for_every_kind_of_subscription(
     streams: Streams, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-
     both = streams.subscribe("c", "d")
     streams.wait_until(lambda: streams.idle(both), "the new stream to wait idle")
     let_others_run = streams.backend.let_others_run
@@ -583,7 +579,6 @@ def test_a_flush_adds_new_events_in_order_for_every_kind_of_subscription(
 def test_subscription_made_before_a_flush_gets_no_earlier_event_live(
     streams: Streams,
 ) -> None:
-
     before = streams.publish("c", "before")
     streams.flushed()
     assert streams.received(0) == ["before"]
@@ -602,7 +597,6 @@ def test_subscription_made_before_a_flush_gets_no_earlier_event_live(
 
 
 def test_disconnect_delivers_what_was_published_before(streams: Streams) -> None:
-
     streams.publish("c", "last words")
     streams.broker.disconnect(["c"])
     streams.wait_until(
@@ -615,7 +609,6 @@ def test_disconnect_delivers_what_was_published_before(streams: Streams) -> None
 def test_flush_that_fails_is_logged_and_the_next_publish_goes_on(
     streams: Streams, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-
     from flask_eventstream.brokers.fanout import Subscription
 
     deliver = Subscription.deliver
